@@ -1,0 +1,5 @@
+import sys
+
+from kustody.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Developer tooling: the local control plane (built from the Kubernetes Go modules) and SoftHSM2 tokens."""

@@ -1,0 +1,1 @@
+"""Pure domain logic: envelope format, version state machine, schedules. No I/O."""
