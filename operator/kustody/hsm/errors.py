@@ -1,0 +1,53 @@
+"""Typed sidecar errors: a stable reason plus a message safe to show anywhere.
+
+Messages never contain key material, plaintext or the PIN. The reason is part of the API:
+clients match on it (it travels as the ``kustody-reason`` trailing metadata of a gRPC status).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from kustody.domain.errors import DomainError, InvalidArgument, MalformedEnvelope
+
+
+class Reason(enum.StrEnum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    MALFORMED_ENVELOPE = "MALFORMED_ENVELOPE"
+    AAD_MISMATCH = "AAD_MISMATCH"
+    VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
+    VERSION_DISABLED = "VERSION_DISABLED"
+    VERSION_DESTROYED = "VERSION_DESTROYED"
+    VERSION_NOT_DISABLED = "VERSION_NOT_DISABLED"
+    NO_PRIMARY_VERSION = "NO_PRIMARY_VERSION"
+    PLAINTEXT_EXPORT_FORBIDDEN = "PLAINTEXT_EXPORT_FORBIDDEN"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    TOKEN_UNAVAILABLE = "TOKEN_UNAVAILABLE"  # noqa: S105 (a reason, not a secret)
+    TOKEN_FULL = "TOKEN_FULL"  # noqa: S105 (a reason, not a secret)
+    # Why the token is unavailable (Health), more specific than TOKEN_UNAVAILABLE.
+    MODULE_UNAVAILABLE = "MODULE_UNAVAILABLE"
+    TOKEN_NOT_FOUND = "TOKEN_NOT_FOUND"  # noqa: S105 (a reason, not a secret)
+    PIN_INCORRECT = "PIN_INCORRECT"
+    PIN_FILE_UNREADABLE = "PIN_FILE_UNREADABLE"
+    TOKEN_LOST = "TOKEN_LOST"  # noqa: S105 (a reason, not a secret)
+    INTERNAL = "INTERNAL"
+
+
+class HsmError(Exception):
+    """A failed sidecar operation with a stable :class:`Reason`."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+def from_domain(exc: DomainError) -> HsmError:
+    if isinstance(exc, MalformedEnvelope):
+        return HsmError(Reason.MALFORMED_ENVELOPE, str(exc))
+    if isinstance(exc, InvalidArgument):
+        return HsmError(Reason.INVALID_ARGUMENT, str(exc))
+    return HsmError(Reason.INVALID_ARGUMENT, str(exc))

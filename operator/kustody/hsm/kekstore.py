@@ -1,0 +1,333 @@
+"""KEK versions inside the token: create, seal, unseal, disable, destroy.
+
+Thread-confined (PKCS#11 thread). What is on the token is the truth; this class caches key
+handles (SoftHSM2 re-reads its files on every object search) and rebuilds the cache by scanning
+whenever the session is (re)opened.
+
+Durable state on the token:
+
+* ENABLED  — the AES key object has CKA_ENCRYPT and CKA_DECRYPT true.
+* DISABLED — both false (the token itself then refuses to use the key); a mix counts as
+  DISABLED, so an interrupted enable/disable is never more permissive than intended.
+* DESTROYED — a tombstone data object (CKA_APPLICATION ``kustody-tombstone``, same label) and no
+  key. The tombstone is written before the key is deleted; a scan that finds both finishes
+  the interrupted destruction. A destroyed version number is never created again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11.exceptions as p11
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.mechanisms import GCMParams
+
+from kustody.domain.envelope import NONCE_BYTES, TAG_BYTES
+from kustody.domain.keyversion import KeyVersionRef, VersionState, parse_label, primary_version
+from kustody.hsm import thread
+from kustody.hsm.errors import HsmError, Reason
+from kustody.hsm.token import TokenLost, TokenSession, classify
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_APPLICATION = "kustody-tombstone"
+_AUTH_FAILED = (p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What may be said about a KEK version in public: never key material."""
+
+    ref: KeyVersionRef
+    state: VersionState
+    fingerprint: str
+
+
+@dataclass
+class _Record:
+    info: VersionInfo
+    key: Any | None
+
+
+def _translate(exc: p11.PKCS11Error, action: str) -> Exception:
+    reason = classify(exc)
+    if reason is Reason.TOKEN_LOST:
+        return TokenLost(type(exc).__name__)
+    if reason is Reason.TOKEN_FULL:
+        return HsmError(Reason.TOKEN_FULL, f"{action}: the token has no room left")
+    return HsmError(Reason.INTERNAL, f"{action} failed ({type(exc).__name__})")
+
+
+@contextmanager
+def _pkcs11_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except p11.PKCS11Error as exc:
+        raise _translate(exc, action) from None
+
+
+def _fingerprint(key: Any) -> str:
+    """Key check value: CKA_CHECK_VALUE, i.e. the first 3 bytes of AES-ECB(K, 0^128)."""
+    try:
+        return bytes(key[Attribute.CHECK_VALUE]).hex()
+    except p11.PKCS11Error:
+        pass
+    try:
+        return bytes(key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:3]).hex()
+    except p11.PKCS11Error:
+        return ""
+
+
+def _state_of(key: Any) -> VersionState:
+    if key[Attribute.ENCRYPT] and key[Attribute.DECRYPT]:
+        return VersionState.ENABLED
+    return VersionState.DISABLED
+
+
+class KekStore:
+    def __init__(self, token: TokenSession) -> None:
+        self._token = token
+        self._rings: dict[str, dict[int, _Record]] = {}
+        self.snapshot: tuple[VersionInfo, ...] = ()
+        self.scan()
+
+    @property
+    def _session(self) -> Any:
+        return self._token.session
+
+    # -- inventory -------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        thread.assert_on_thread()
+        rings: dict[str, dict[int, _Record]] = {}
+        with _pkcs11_errors("scanning the token"):
+            for key in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                ref = parse_label(key.label)
+                if ref is None or bytes(key.id) != ref.object_id:
+                    continue
+                info = VersionInfo(ref, _state_of(key), _fingerprint(key))
+                rings.setdefault(ref.key_ring, {})[ref.version] = _Record(info, key)
+            tombstones = self._session.get_objects(
+                {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: TOMBSTONE_APPLICATION}
+            )
+            for obj in tombstones:
+                ref = parse_label(obj[Attribute.LABEL])
+                if ref is None:
+                    continue
+                versions = rings.setdefault(ref.key_ring, {})
+                old = versions.get(ref.version)
+                if old is not None and old.key is not None:
+                    log.warning("finishing the interrupted destruction of %s", ref)
+                    old.key.destroy()
+                fingerprint = bytes(obj[Attribute.VALUE]).decode("ascii", "replace")
+                versions[ref.version] = _Record(
+                    VersionInfo(ref, VersionState.DESTROYED, fingerprint), None
+                )
+        self._rings = rings
+        self._publish()
+
+    def _publish(self) -> None:
+        self.snapshot = tuple(rec.info for ring in self._rings.values() for rec in ring.values())
+
+    def versions(self, key_ring: str) -> list[VersionInfo]:
+        ring = self._rings.get(key_ring, {})
+        return [ring[v].info for v in sorted(ring)]
+
+    def primary(self, key_ring: str) -> int | None:
+        ring = self._rings.get(key_ring, {})
+        return primary_version({v: rec.info.state for v, rec in ring.items()})
+
+    def resolve(self, key_ring: str, version: int | None) -> KeyVersionRef:
+        """``version``, or the primary version when None."""
+        if version is not None:
+            return KeyVersionRef(key_ring, version)
+        primary = self.primary(key_ring)
+        if primary is None:
+            raise HsmError(Reason.NO_PRIMARY_VERSION, f"KeyRing {key_ring} has no ENABLED version")
+        return KeyVersionRef(key_ring, primary)
+
+    def info(self, ref: KeyVersionRef) -> VersionInfo:
+        return self._record(ref).info
+
+    def _record(self, ref: KeyVersionRef) -> _Record:
+        rec = self._rings.get(ref.key_ring, {}).get(ref.version)
+        if rec is None:
+            raise HsmError(Reason.VERSION_NOT_FOUND, f"KEK version {ref} does not exist")
+        return rec
+
+    def _usable_key(self, ref: KeyVersionRef) -> Any:
+        rec = self._record(ref)
+        if rec.info.state is VersionState.DESTROYED or rec.key is None:
+            raise HsmError(Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed")
+        if rec.info.state is VersionState.DISABLED:
+            raise HsmError(Reason.VERSION_DISABLED, f"KEK version {ref} is disabled")
+        return rec.key
+
+    def _find_key(self, ref: KeyVersionRef) -> Any | None:
+        found = list(
+            self._session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: ref.object_id}
+            )
+        )
+        if len(found) > 1:
+            log.warning("token holds %d objects for %s; using the first", len(found), ref)
+        return found[0] if found else None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def create(self, ref: KeyVersionRef) -> VersionInfo:
+        """Create the version's KEK unless the token already has it (idempotent)."""
+        thread.assert_on_thread()
+        # An empty search on a vanished token looks like "no such key": check it answers.
+        self._token.probe()
+        with _pkcs11_errors(f"creating KEK version {ref}"):
+            tomb = list(
+                self._session.get_objects(
+                    {
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.APPLICATION: TOMBSTONE_APPLICATION,
+                        Attribute.LABEL: ref.label,
+                    }
+                )
+            )
+            if tomb:
+                self.scan()
+                raise HsmError(
+                    Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed; use a new version"
+                )
+            key = self._find_key(ref)
+            if key is None:
+                key = self._session.generate_key(
+                    KeyType.AES,
+                    256,
+                    id=ref.object_id,
+                    label=ref.label,
+                    store=True,
+                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    template={
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                        Attribute.ENCRYPT: True,
+                        Attribute.DECRYPT: True,
+                        Attribute.SIGN: False,
+                        Attribute.VERIFY: False,
+                        Attribute.WRAP: False,
+                        Attribute.UNWRAP: False,
+                        Attribute.DERIVE: False,
+                    },
+                )
+                log.info("created KEK version %s", ref)
+            info = VersionInfo(ref, _state_of(key), _fingerprint(key))
+        self._rings.setdefault(ref.key_ring, {})[ref.version] = _Record(info, key)
+        self._publish()
+        return info
+
+    def set_state(self, ref: KeyVersionRef, state: VersionState) -> VersionInfo:
+        thread.assert_on_thread()
+        if state not in (VersionState.ENABLED, VersionState.DISABLED):
+            raise HsmError(Reason.INVALID_ARGUMENT, "the state must be ENABLED or DISABLED")
+        rec = self._record(ref)
+        if rec.key is None:
+            raise HsmError(Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed")
+        enabled = state is VersionState.ENABLED
+        with _pkcs11_errors(f"setting {ref} {state}"):
+            # Decrypt first when disabling, encrypt first when enabling: a half-done change is
+            # read back as DISABLED either way.
+            order = (Attribute.ENCRYPT, Attribute.DECRYPT)
+            for attribute in order if enabled else reversed(order):
+                rec.key[attribute] = enabled
+            # python-pkcs11 picks a key object's methods (encrypt/decrypt) from its attributes
+            # when it is fetched, so fetch it again after changing them.
+            rec.key = self._find_key(ref) or rec.key
+            actual = _state_of(rec.key)
+        rec.info = VersionInfo(ref, actual, rec.info.fingerprint)
+        self._publish()
+        if actual is not state:
+            raise HsmError(Reason.INTERNAL, f"the token did not record {ref} as {state}")
+        log.info("KEK version %s is now %s", ref, state)
+        return rec.info
+
+    def destroy(self, ref: KeyVersionRef) -> VersionInfo:
+        thread.assert_on_thread()
+        rec = self._record(ref)
+        if rec.info.state is VersionState.DESTROYED:
+            return rec.info
+        if rec.info.state is not VersionState.DISABLED:
+            raise HsmError(
+                Reason.VERSION_NOT_DISABLED, f"KEK version {ref} must be DISABLED to be destroyed"
+            )
+        with _pkcs11_errors(f"destroying {ref}"):
+            self._session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.LABEL: ref.label,
+                    Attribute.APPLICATION: TOMBSTONE_APPLICATION,
+                    Attribute.VALUE: rec.info.fingerprint.encode("ascii"),
+                }
+            )
+            assert rec.key is not None
+            rec.key.destroy()
+        rec.key = None
+        rec.info = VersionInfo(ref, VersionState.DESTROYED, rec.info.fingerprint)
+        self._publish()
+        log.info("destroyed KEK version %s", ref)
+        return rec.info
+
+    # -- crypto ----------------------------------------------------------------------------
+
+    def random(self, nbytes: int) -> bytes:
+        with _pkcs11_errors("reading the token RNG"):
+            return bytes(self._session.generate_random(nbytes * 8))
+
+    def seal(self, ref: KeyVersionRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM in the token under ``ref``: (nonce, ciphertext ‖ tag)."""
+        key = self._usable_key(ref)
+        with _pkcs11_errors(f"sealing under {ref}"):
+            nonce = bytes(self._session.generate_random(NONCE_BYTES * 8))
+            sealed = key.encrypt(
+                plaintext,
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(nonce, aad, TAG_BYTES * 8),
+            )
+        return nonce, bytes(sealed)
+
+    def generate(self, ref: KeyVersionRef, length: int, aad: bytes) -> tuple[bytes, bytes, bytes]:
+        """A DEK from the token RNG, sealed: (plaintext, nonce, ciphertext ‖ tag)."""
+        key = self._usable_key(ref)
+        with _pkcs11_errors(f"generating a data key under {ref}"):
+            rnd = bytes(self._session.generate_random((NONCE_BYTES + length) * 8))
+            nonce, dek = rnd[:NONCE_BYTES], rnd[NONCE_BYTES:]
+            sealed = key.encrypt(
+                dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128)
+            )
+        return dek, nonce, bytes(sealed)
+
+    def unseal(self, ref: KeyVersionRef, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        key = self._usable_key(ref)
+        try:
+            return bytes(
+                key.decrypt(
+                    sealed,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, TAG_BYTES * 8),
+                )
+            )
+        except _AUTH_FAILED:
+            # SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR; make sure it was the tag
+            # and not the token before calling it an authentication failure.
+            self._token.probe()
+            raise HsmError(
+                Reason.AAD_MISMATCH,
+                f"the wrapped key does not authenticate under {ref} for this binding "
+                "(wrong namespace, name or encryptionContext, or altered ciphertext)",
+            ) from None
+        except p11.PKCS11Error as exc:
+            raise _translate(exc, f"unsealing under {ref}") from None

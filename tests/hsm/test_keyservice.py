@@ -1,0 +1,224 @@
+"""KeyService against a real SoftHSM2 token: versions, data keys, AAD binding, states."""
+
+from __future__ import annotations
+
+import pytest
+from kustody.dev.softhsm import SoftHSMToken
+from kustody.domain.aad import Binding
+from kustody.domain.envelope import Envelope
+from kustody.domain.keyversion import KeyVersionRef, VersionState
+from kustody.hsm import thread
+from kustody.hsm.connection import HsmConnection
+from kustody.hsm.errors import HsmError, Reason
+from kustody.hsm.keyservice import GenerateRequest, KeyService, RewrapRequest
+from pkcs11 import Attribute, ObjectClass
+
+from .conftest import run
+
+BINDING = Binding("team-a", "db-key", {"app": "db", "tier": "prod"})
+
+
+def _key_objects(connection: HsmConnection, ref: KeyVersionRef) -> list[dict[str, object]]:
+    def find(store: object) -> list[dict[str, object]]:
+        session = store._token.session  # type: ignore[attr-defined]
+        return [
+            {
+                "extractable": obj[Attribute.EXTRACTABLE],
+                "sensitive": obj[Attribute.SENSITIVE],
+                "token": obj[Attribute.TOKEN],
+                "sign": obj[Attribute.SIGN],
+                "label": obj[Attribute.LABEL],
+            }
+            for obj in session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: ref.object_id}
+            )
+        ]
+
+    return connection.run_here(find)
+
+
+def _expect(reason: Reason, coro: object) -> HsmError:
+    with pytest.raises(HsmError) as info:
+        run(coro)  # type: ignore[arg-type]
+    assert info.value.reason is reason, info.value
+    return info.value
+
+
+def test_create_is_idempotent_and_key_is_locked_down(
+    key_service: KeyService, connection: HsmConnection, ring: str
+) -> None:
+    first = run(key_service.create_key_version(ring, 1))
+    again = run(key_service.create_key_version(ring, 1))
+    assert first == again
+    assert first.state is VersionState.ENABLED
+    assert len(first.fingerprint) == 6
+    objects = _key_objects(connection, KeyVersionRef(ring, 1))
+    assert objects == [
+        {
+            "extractable": False,
+            "sensitive": True,
+            "token": True,
+            "sign": False,
+            "label": f"kustody:{ring}:v1",
+        }
+    ]
+
+
+def test_create_after_restart_finds_existing_object(
+    key_service: KeyService, connection: HsmConnection, ring: str
+) -> None:
+    created = run(key_service.create_key_version(ring, 1))
+    # Forget the cache as a crash would: a fresh scan must find the same object.
+    connection.run_here(lambda s: s.scan())
+    assert run(key_service.create_key_version(ring, 1)) == created
+    assert len(_key_objects(connection, KeyVersionRef(ring, 1))) == 1
+
+
+def test_generate_and_decrypt_round_trip(key_service: KeyService, ring: str) -> None:
+    run(key_service.create_key_version(ring, 1))
+    generated = run(
+        key_service.generate_data_key(GenerateRequest(ring, BINDING, include_plaintext=True))
+    )
+    assert generated.plaintext is not None
+    assert len(generated.plaintext) == 32
+    text = generated.envelope.to_text()
+    assert text.startswith("kustody:v1:")
+    assert generated.plaintext.hex() not in text
+    plaintext = run(key_service.decrypt(Envelope.from_text(text), BINDING))
+    assert plaintext == generated.plaintext
+
+
+def test_plaintext_is_omitted_unless_asked(key_service: KeyService, ring: str) -> None:
+    run(key_service.create_key_version(ring, 1))
+    generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING, length=64)))
+    assert generated.plaintext is None
+    assert len(run(key_service.decrypt(generated.envelope, BINDING))) == 64
+
+
+def test_data_keys_are_distinct(key_service: KeyService, ring: str) -> None:
+    run(key_service.create_key_version(ring, 1))
+    requests = [GenerateRequest(ring, BINDING, include_plaintext=True)] * 50
+    keys = run(key_service.generate_data_keys(requests))
+    plaintexts = {k.plaintext for k in keys if not isinstance(k, HsmError)}
+    assert len(plaintexts) == 50
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Binding("team-b", "db-key", {"app": "db", "tier": "prod"}),
+        Binding("team-a", "other-key", {"app": "db", "tier": "prod"}),
+        Binding("team-a", "db-key", {"app": "db", "tier": "dev"}),
+        Binding("team-a", "db-key", {"app": "db"}),
+    ],
+)
+def test_wrong_binding_fails_authentication(
+    key_service: KeyService, ring: str, other: Binding
+) -> None:
+    run(key_service.create_key_version(ring, 1))
+    generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING)))
+    _expect(Reason.AAD_MISMATCH, key_service.decrypt(generated.envelope, other))
+    # The token is fine afterwards.
+    assert run(key_service.decrypt(generated.envelope, BINDING))
+
+
+def test_header_tampering_fails_authentication(key_service: KeyService, ring: str) -> None:
+    run(key_service.create_key_version(ring, 1))
+    run(key_service.create_key_version(ring, 2))
+    generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING, version=1)))
+    moved = Envelope(
+        KeyVersionRef(ring, 2), generated.envelope.nonce, generated.envelope.ciphertext
+    )
+    _expect(Reason.AAD_MISMATCH, key_service.decrypt(moved, BINDING))
+
+
+def test_primary_is_highest_enabled_and_rewrap_moves_versions(
+    key_service: KeyService, ring: str
+) -> None:
+    run(key_service.create_key_version(ring, 1))
+    old = run(key_service.generate_data_key(GenerateRequest(ring, BINDING, include_plaintext=True)))
+    assert old.envelope.key.version == 1
+    run(key_service.create_key_version(ring, 2))
+    new = run(key_service.rewrap(RewrapRequest(old.envelope, BINDING)))
+    assert new.key.version == 2
+    assert run(key_service.decrypt(new, BINDING)) == old.plaintext
+    run(key_service.set_version_state(ring, 2, VersionState.DISABLED))
+    description = run(key_service.describe_key(ring))
+    assert description.primary_version == 1
+    assert [v.state for v in description.versions] == [VersionState.ENABLED, VersionState.DISABLED]
+
+
+def test_disabled_version_refuses_and_destroy_needs_disabled(
+    key_service: KeyService, connection: HsmConnection, ring: str
+) -> None:
+    run(key_service.create_key_version(ring, 1))
+    generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING)))
+    _expect(Reason.VERSION_NOT_DISABLED, key_service.destroy_version(ring, 1))
+    run(key_service.set_version_state(ring, 1, VersionState.DISABLED))
+    _expect(Reason.VERSION_DISABLED, key_service.decrypt(generated.envelope, BINDING))
+    _expect(
+        Reason.NO_PRIMARY_VERSION, key_service.generate_data_key(GenerateRequest(ring, BINDING))
+    )
+    # The disabled state is on the token: a rescan (restart) still sees it.
+    connection.run_here(lambda s: s.scan())
+    _expect(Reason.VERSION_DISABLED, key_service.decrypt(generated.envelope, BINDING))
+    run(key_service.set_version_state(ring, 1, VersionState.ENABLED))
+    assert run(key_service.decrypt(generated.envelope, BINDING))
+    run(key_service.set_version_state(ring, 1, VersionState.DISABLED))
+    destroyed = run(key_service.destroy_version(ring, 1))
+    assert destroyed.state is VersionState.DESTROYED
+    assert run(key_service.destroy_version(ring, 1)) == destroyed
+    assert _key_objects(connection, KeyVersionRef(ring, 1)) == []
+    connection.run_here(lambda s: s.scan())
+    _expect(Reason.VERSION_DESTROYED, key_service.decrypt(generated.envelope, BINDING))
+    _expect(Reason.VERSION_DESTROYED, key_service.create_key_version(ring, 1))
+    _expect(Reason.VERSION_DESTROYED, key_service.set_version_state(ring, 1, VersionState.ENABLED))
+
+
+def test_unknown_version_and_ring(key_service: KeyService, ring: str) -> None:
+    _expect(
+        Reason.NO_PRIMARY_VERSION, key_service.generate_data_key(GenerateRequest(ring, BINDING))
+    )
+    _expect(
+        Reason.VERSION_NOT_FOUND,
+        key_service.generate_data_key(GenerateRequest(ring, BINDING, version=9)),
+    )
+    _expect(Reason.INVALID_ARGUMENT, key_service.create_key_version("Bad_Name", 1))
+    _expect(Reason.INVALID_ARGUMENT, key_service.create_key_version(ring, 0))
+    _expect(
+        Reason.INVALID_ARGUMENT,
+        key_service.generate_data_key(GenerateRequest(ring, BINDING, length=4)),
+    )
+    _expect(
+        Reason.REQUEST_TOO_LARGE,
+        key_service.generate_data_keys([GenerateRequest(ring, BINDING)] * 1001),
+    )
+
+
+def test_batch_reports_per_item_errors(key_service: KeyService, ring: str) -> None:
+    run(key_service.create_key_version(ring, 1))
+    good = run(key_service.generate_data_key(GenerateRequest(ring, BINDING)))
+    results = run(
+        key_service.rewrap_many(
+            [
+                RewrapRequest(good.envelope, BINDING),
+                RewrapRequest(good.envelope, Binding("x", "y")),
+                RewrapRequest(good.envelope, BINDING, to_version=7),
+            ]
+        )
+    )
+    assert isinstance(results[0], Envelope)
+    assert isinstance(results[1], HsmError)
+    assert results[1].reason is Reason.AAD_MISMATCH
+    assert isinstance(results[2], HsmError)
+    assert results[2].reason is Reason.VERSION_NOT_FOUND
+
+
+def test_pkcs11_calls_only_on_the_pkcs11_thread(connection: HsmConnection) -> None:
+    assert not thread.on_thread()
+    with pytest.raises(RuntimeError, match="PKCS#11 thread"):
+        connection._store.scan()  # type: ignore[union-attr]
+
+
+def test_token_fixture_keeps_pin_out_of_repr(hsm_token: SoftHSMToken) -> None:
+    assert hsm_token.pin_file.read_text() not in repr(hsm_token)
