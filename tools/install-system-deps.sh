@@ -16,7 +16,7 @@ find_module() {
 if have_softhsm; then
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
+if [ "${EUID}" -ne 0 ]; then
   echo "SoftHSM2 is missing. Install it, then run this again:" >&2
   echo "    sudo apt-get install -y softhsm2        # Debian/Ubuntu" >&2
   echo "    sudo dnf install -y softhsm             # Fedora/RHEL" >&2

@@ -1,1 +1,2 @@
-"""Developer tooling: the local control plane (built from the Kubernetes Go modules) and SoftHSM2 tokens."""
+"""Developer tooling: the local control plane (built from the Kubernetes Go modules) and
+SoftHSM2 tokens."""

@@ -80,10 +80,24 @@ def create_token(directory: Path, label: str = "kustody") -> SoftHSMToken:
     env = {**os.environ, **token.env}
     # softhsm2-util takes PINs only as arguments; they are random, per-directory dev PINs.
     result = subprocess.run(
-        [util, "--init-token", "--free", "--label", label,
-         "--pin", pin_file.read_text(), "--so-pin", so_pin_file.read_text()],
-        env=env, capture_output=True, text=True, check=False,
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            pin_file.read_text(),
+            "--so-pin",
+            so_pin_file.read_text(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
-        raise UserError(f"softhsm2-util could not initialise token {label!r}: {result.stderr.strip()}")
+        raise UserError(
+            f"softhsm2-util could not initialise token {label!r}: {result.stderr.strip()}"
+        )
     return token

@@ -1,0 +1,94 @@
+"""Pytest fixtures for a real local control plane and SoftHSM2 tokens.
+
+Registered as the ``kustody`` pytest11 entry point, so installing Kustody makes them available
+to any test suite:
+
+``kube``
+    a session-wide :class:`kustody.dev.controlplane.Cluster` (etcd, kube-apiserver,
+    kube-controller-manager) in a temporary directory; the binaries are built on first use.
+``softhsm_token``
+    a session-wide fresh :class:`kustody.dev.softhsm.SoftHSMToken`; ``make_softhsm_token``
+    makes more.
+``kube_namespace``
+    a fresh namespace per test, deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kustody.dev import binaries
+from kustody.dev.controlplane import Cluster, ControlPlane
+from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.errors import UserError
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kustody")
+    group.addoption(
+        "--kustody-no-build",
+        action="store_true",
+        help="fail instead of building missing control-plane binaries",
+    )
+
+
+@pytest.fixture(scope="session")
+def kube(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A real local control plane for the whole test session."""
+    try:
+        bins = (
+            binaries.require_binaries()
+            if request.config.getoption("--kustody-no-build")
+            else binaries.build()
+        )
+        plane = ControlPlane(tmp_path_factory.mktemp("controlplane"), binaries=bins, log=_quiet)
+        cluster = plane.start()
+    except UserError as exc:
+        pytest.fail(f"could not start the local control plane: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+def kube_namespace(kube: Cluster) -> Iterator[str]:
+    """A fresh namespace for one test; deleted (without waiting) afterwards."""
+    name = f"t-{secrets.token_hex(4)}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def make_softhsm_token(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], SoftHSMToken]:
+    """Factory: ``make_softhsm_token(label)`` creates a fresh token in its own directory."""
+
+    def make(label: str = "kustody") -> SoftHSMToken:
+        try:
+            return create_token(tmp_path_factory.mktemp("softhsm"), label)
+        except UserError as exc:
+            pytest.fail(f"could not create a SoftHSM2 token: {exc}", pytrace=False)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(make_softhsm_token: Callable[[str], SoftHSMToken]) -> SoftHSMToken:
+    """A fresh SoftHSM2 token for the whole session."""
+    return make_softhsm_token("kustody")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+__all__ = ["Cluster", "Path", "SoftHSMToken"]
