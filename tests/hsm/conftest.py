@@ -8,9 +8,15 @@ the sidecar as a subprocess with its own environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
-from collections.abc import Coroutine, Iterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +24,7 @@ import pytest
 from kustody.dev.softhsm import SoftHSMToken, create_token
 from kustody.hsm.connection import HsmConnection
 from kustody.hsm.keyservice import KeyService
+from kustody.hsm.server import Sidecar, SidecarConfig
 from kustody.hsm.token import TokenConfig
 
 T = TypeVar("T")
@@ -65,3 +72,57 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.hsm)
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(
+    directory: Path, token: TokenConfig, **options: Any
+) -> AsyncIterator[Sidecar]:
+    """An in-process sidecar on unix sockets in ``directory``."""
+    config = SidecarConfig(token=token, socket=directory / "hsm.sock", **options)
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    try:
+        yield sidecar
+    finally:
+        await sidecar.stop(grace=0)
+
+
+@dataclass
+class SidecarProcess:
+    """``kustody hsm`` as a subprocess; its whole log goes to ``log``."""
+
+    process: subprocess.Popen[bytes]
+    socket: Path
+    log: Path
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.log.read_text()
+
+
+def start_process(
+    directory: Path, token: SoftHSMToken, *args: str, pin_file: Path | None = None
+) -> SidecarProcess:
+    socket = directory / "proc.sock"
+    log = directory / "sidecar.log"
+    env = {**os.environ, **token.env, "KUSTODY_HSM_PIN_FILE": str(pin_file or token.pin_file)}
+    command = [
+        sys.executable, "-m", "kustody", "hsm", "--module", str(token.module),
+        "--token-label", token.label, "--socket", str(socket), "--health-interval", "0.2",
+        "--log-level", "DEBUG", *args,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not socket.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"sidecar did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return SidecarProcess(process, socket, log)

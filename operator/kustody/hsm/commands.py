@@ -1,0 +1,125 @@
+"""``kustody hsm``: run the HSM sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from kustody.errors import UserError
+from kustody.hsm.pin import PIN_FILE_ENV, pin_file_from
+from kustody.hsm.server import Sidecar, SidecarConfig, TlsConfig
+from kustody.hsm.token import TokenConfig
+
+DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULT_SOCKET = "/run/kustody/hsm.sock"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = os.environ.get
+    parser = sub.add_parser(
+        "hsm",
+        help="run the HSM sidecar (key service, KMS v2 plugin, metrics)",
+        description=(
+            "Own one PKCS#11 token and serve keys over gRPC. The PIN is read from a file "
+            f"(--pin-file or ${PIN_FILE_ENV}), never from the command line."
+        ),
+        allow_abbrev=False,
+    )
+    token = parser.add_argument_group("token")
+    token.add_argument(
+        "--module",
+        default=env("KUSTODY_HSM_MODULE", DEFAULT_MODULE),
+        help="PKCS#11 module path ($KUSTODY_HSM_MODULE; default: %(default)s)",
+    )
+    token.add_argument(
+        "--token-label",
+        default=env("KUSTODY_HSM_TOKEN_LABEL", "kustody"),
+        help="label of the token to use ($KUSTODY_HSM_TOKEN_LABEL; default: %(default)s)",
+    )
+    token.add_argument(
+        "--pin-file",
+        metavar="PATH",
+        help=f"file holding the user PIN (default: the file named by ${PIN_FILE_ENV})",
+    )
+    serve = parser.add_argument_group("key service")
+    serve.add_argument(
+        "--socket",
+        default=env("KUSTODY_HSM_SOCKET", DEFAULT_SOCKET),
+        help="unix socket for the key service ('' to disable; default: %(default)s)",
+    )
+    serve.add_argument("--listen", metavar="HOST:PORT", help="also serve over TCP with mTLS")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for --listen")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM) for --listen")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="CA (PEM) that client certificates must chain to"
+    )
+    kms = parser.add_argument_group("Kubernetes KMS v2 plugin")
+    kms.add_argument("--kms-socket", type=Path, help="unix socket for v2.KeyManagementService")
+    kms.add_argument("--kms-keyring", help="KeyRing whose KEK seals kube-apiserver's seeds")
+    kms.add_argument(
+        "--kms-version", type=int, help="pin the KEK version (default: the primary version)"
+    )
+    kms.add_argument(
+        "--kms-create-if-missing",
+        action="store_true",
+        help="create version 1 of --kms-keyring if the KeyRing has no version yet",
+    )
+    ops = parser.add_argument_group("operations")
+    ops.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    ops.add_argument("--metrics-address", default="127.0.0.1", help="default: %(default)s")
+    ops.add_argument(
+        "--health-interval", type=float, default=5.0, help="seconds between token probes"
+    )
+    ops.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.set_defaults(func=run)
+
+
+def config_from(args: argparse.Namespace) -> SidecarConfig:
+    tls_parts = (args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.listen and not all(tls_parts):
+        raise UserError("--listen needs --tls-cert, --tls-key and --tls-client-ca (mTLS only)")
+    if args.kms_socket and not args.kms_keyring:
+        raise UserError("--kms-socket needs --kms-keyring")
+    if not (args.socket or args.listen or args.kms_socket):
+        raise UserError("nothing to serve: give --socket, --listen or --kms-socket")
+    pin_file = pin_file_from(args.pin_file)
+    if pin_file is None:
+        raise UserError(f"no PIN file: pass --pin-file PATH or set ${PIN_FILE_ENV}")
+    tls = TlsConfig(*tls_parts) if args.listen else None
+    return SidecarConfig(
+        token=TokenConfig(Path(args.module), args.token_label, pin_file),
+        socket=Path(args.socket) if args.socket else None,
+        listen=args.listen,
+        tls=tls,
+        kms_socket=args.kms_socket,
+        kms_key_ring=args.kms_keyring,
+        kms_version=args.kms_version,
+        kms_create_if_missing=args.kms_create_if_missing,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+        health_interval=args.health_interval,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await Sidecar(config).run(stop)
+        except OSError as exc:
+            raise UserError(f"the HSM sidecar could not start: {exc}") from None
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,237 @@
+"""The operator-facing gRPC KeyService: protobuf in, KeyService calls, protobuf out.
+
+Policy lives here, not in :class:`KeyService`: plaintext DEKs leave only when the caller asks
+and states that the KeyRing's ``spec.allowPlaintextExport`` is true. A future workload service
+(authenticated by ServiceAccount token) wraps the same KeyService with its own policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from kustody.domain.aad import Binding
+from kustody.domain.envelope import Envelope
+from kustody.domain.errors import DomainError
+from kustody.domain.keyversion import VersionState
+from kustody.hsm._proto import keyservice_pb2 as pb
+from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
+from kustody.hsm.errors import HsmError, Reason, from_domain
+from kustody.hsm.kekstore import VersionInfo
+from kustody.hsm.keyservice import (
+    DEFAULT_DEK_BYTES,
+    GeneratedKey,
+    GenerateRequest,
+    KeyService,
+    RewrapRequest,
+)
+from kustody.hsm.metrics import Metrics
+from kustody.hsm.rpcerror import Context, observed
+
+T = TypeVar("T")
+
+_STATES = {
+    VersionState.ENABLED: pb.ENABLED,
+    VersionState.DISABLED: pb.DISABLED,
+    VersionState.DESTROYED: pb.DESTROYED,
+}
+_FROM_PB_STATE = {pb.ENABLED: VersionState.ENABLED, pb.DISABLED: VersionState.DISABLED}
+
+
+def version_pb(info: VersionInfo) -> pb.KeyVersion:
+    return pb.KeyVersion(
+        key_ring=info.ref.key_ring,
+        version=info.ref.version,
+        state=_STATES[info.state],
+        fingerprint=info.fingerprint,
+    )
+
+
+def binding_from(message: pb.Binding) -> Binding:
+    return Binding(message.namespace, message.name, dict(message.encryption_context))
+
+
+def error_pb(error: HsmError) -> pb.ItemError:
+    return pb.ItemError(reason=str(error.reason), message=error.message)
+
+
+def _generate_request(message: pb.GenerateDataKeyRequest) -> GenerateRequest:
+    if message.return_plaintext and not message.allow_plaintext_export:
+        raise HsmError(
+            Reason.PLAINTEXT_EXPORT_FORBIDDEN,
+            f"KeyRing {message.key_ring} does not allow plaintext export",
+        )
+    return GenerateRequest(
+        key_ring=message.key_ring,
+        binding=binding_from(message.binding),
+        version=message.version or None,
+        length=message.length or DEFAULT_DEK_BYTES,
+        include_plaintext=message.return_plaintext,
+    )
+
+
+def _data_key_pb(key: GeneratedKey) -> pb.DataKey:
+    return pb.DataKey(
+        wrapped=key.envelope.to_text(),
+        version=key.envelope.key.version,
+        plaintext=key.plaintext or b"",
+    )
+
+
+def _rewrap_request(message: pb.ReWrapRequest) -> RewrapRequest:
+    return RewrapRequest(
+        Envelope.from_text(message.wrapped),
+        binding_from(message.binding),
+        message.to_version or None,
+    )
+
+
+class KeyServiceServicer(pb_grpc.KeyServiceServicer):
+    def __init__(self, service: KeyService, metrics: Metrics) -> None:
+        self._service = service
+        self._metrics = metrics
+
+    async def _call(self, op: str, context: Context, work: Callable[[], Awaitable[T]]) -> T:
+        return await observed(self._metrics, op, context, work)
+
+    async def CreateKeyVersion(
+        self, request: pb.CreateKeyVersionRequest, context: Context
+    ) -> pb.KeyVersion:
+        async def work() -> pb.KeyVersion:
+            info = await self._service.create_key_version(request.key_ring, request.version)
+            return version_pb(info)
+
+        return await self._call("CreateKeyVersion", context, work)
+
+    async def GenerateDataKey(
+        self, request: pb.GenerateDataKeyRequest, context: Context
+    ) -> pb.DataKey:
+        async def work() -> pb.DataKey:
+            return _data_key_pb(await self._service.generate_data_key(_generate_request(request)))
+
+        return await self._call("GenerateDataKey", context, work)
+
+    async def BatchGenerateDataKey(
+        self, request: pb.BatchGenerateDataKeyRequest, context: Context
+    ) -> pb.BatchGenerateDataKeyResponse:
+        async def work() -> pb.BatchGenerateDataKeyResponse:
+            results = [pb.DataKeyResult() for _ in request.items]
+            valid: list[tuple[int, GenerateRequest]] = []
+            for i, item in enumerate(request.items):
+                try:
+                    valid.append((i, _generate_request(item)))
+                except HsmError as exc:
+                    results[i] = pb.DataKeyResult(error=error_pb(exc))
+                except DomainError as exc:
+                    results[i] = pb.DataKeyResult(error=error_pb(from_domain(exc)))
+            generated = await self._service.generate_data_keys([r for _, r in valid])
+            for (i, _), key in zip(valid, generated, strict=True):
+                results[i] = (
+                    pb.DataKeyResult(error=error_pb(key))
+                    if isinstance(key, HsmError)
+                    else pb.DataKeyResult(data_key=_data_key_pb(key))
+                )
+            return pb.BatchGenerateDataKeyResponse(results=results)
+
+        return await self._call("BatchGenerateDataKey", context, work)
+
+    async def Decrypt(self, request: pb.DecryptRequest, context: Context) -> pb.DecryptResponse:
+        async def work() -> pb.DecryptResponse:
+            envelope = Envelope.from_text(request.wrapped)
+            binding = binding_from(request.binding)
+            if not request.allow_plaintext_export:
+                raise HsmError(
+                    Reason.PLAINTEXT_EXPORT_FORBIDDEN,
+                    f"KeyRing {envelope.key.key_ring} does not allow plaintext export",
+                )
+            plaintext = await self._service.decrypt(envelope, binding)
+            return pb.DecryptResponse(plaintext=plaintext, version=envelope.key.version)
+
+        return await self._call("Decrypt", context, work)
+
+    async def ReWrap(self, request: pb.ReWrapRequest, context: Context) -> pb.ReWrapped:
+        async def work() -> pb.ReWrapped:
+            rewrap = _rewrap_request(request)
+            envelope = await self._service.rewrap(rewrap)
+            return pb.ReWrapped(
+                wrapped=envelope.to_text(),
+                from_version=rewrap.envelope.key.version,
+                to_version=envelope.key.version,
+            )
+
+        return await self._call("ReWrap", context, work)
+
+    async def BatchReWrap(
+        self, request: pb.BatchReWrapRequest, context: Context
+    ) -> pb.BatchReWrapResponse:
+        async def work() -> pb.BatchReWrapResponse:
+            results = [pb.ReWrapResult() for _ in request.items]
+            valid: list[tuple[int, RewrapRequest]] = []
+            for i, item in enumerate(request.items):
+                try:
+                    valid.append((i, _rewrap_request(item)))
+                except DomainError as exc:
+                    results[i] = pb.ReWrapResult(error=error_pb(from_domain(exc)))
+            rewrapped = await self._service.rewrap_many([r for _, r in valid])
+            for (i, req), env in zip(valid, rewrapped, strict=True):
+                results[i] = (
+                    pb.ReWrapResult(error=error_pb(env))
+                    if isinstance(env, HsmError)
+                    else pb.ReWrapResult(
+                        rewrapped=pb.ReWrapped(
+                            wrapped=env.to_text(),
+                            from_version=req.envelope.key.version,
+                            to_version=env.key.version,
+                        )
+                    )
+                )
+            return pb.BatchReWrapResponse(results=results)
+
+        return await self._call("BatchReWrap", context, work)
+
+    async def SetVersionState(
+        self, request: pb.SetVersionStateRequest, context: Context
+    ) -> pb.KeyVersion:
+        async def work() -> pb.KeyVersion:
+            state = _FROM_PB_STATE.get(request.state)
+            if state is None:
+                raise HsmError(Reason.INVALID_ARGUMENT, "state must be ENABLED or DISABLED")
+            info = await self._service.set_version_state(request.key_ring, request.version, state)
+            return version_pb(info)
+
+        return await self._call("SetVersionState", context, work)
+
+    async def DestroyVersion(
+        self, request: pb.DestroyVersionRequest, context: Context
+    ) -> pb.KeyVersion:
+        async def work() -> pb.KeyVersion:
+            info = await self._service.destroy_version(request.key_ring, request.version)
+            return version_pb(info)
+
+        return await self._call("DestroyVersion", context, work)
+
+    async def DescribeKey(
+        self, request: pb.DescribeKeyRequest, context: Context
+    ) -> pb.KeyDescription:
+        async def work() -> pb.KeyDescription:
+            description = await self._service.describe_key(request.key_ring)
+            return pb.KeyDescription(
+                key_ring=description.key_ring,
+                primary_version=description.primary_version or 0,
+                versions=[version_pb(v) for v in description.versions],
+            )
+
+        return await self._call("DescribeKey", context, work)
+
+    async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
+        async def work() -> pb.HealthResponse:
+            health = await self._service.health()
+            status = pb.HealthResponse.SERVING if health.serving else pb.HealthResponse.NOT_SERVING
+            return pb.HealthResponse(
+                status=status,
+                reason=str(health.reason or ""),
+                message=health.message,
+                token_label=self._service.connection.config.label,
+            )
+
+        return await self._call("Health", context, work)
