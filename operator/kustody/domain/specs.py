@@ -1,0 +1,216 @@
+"""Typed views of the three custom resources' specs, with the defaults the operator applies.
+
+The CRDs declare no ``default:`` (so a Git copy and the live object stay identical); the
+defaults documented in the schema descriptions live here, once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kustody.domain.duration import parse_duration
+
+DEFAULT_DEK_LENGTH = 32
+DEFAULT_DESTROY_AFTER = dt.timedelta(hours=720)
+ROTATE_ANNOTATION = "kustody.io/rotate-requested-at"
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+class Rewrap(enum.StrEnum):
+    AUTOMATIC = "Automatic"
+    MANUAL = "Manual"
+
+
+class DeletionPolicy(enum.StrEnum):
+    RETAIN = "Retain"
+    DESTROY = "Destroy"
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class MaintenanceWindow:
+    """Weekly windows in UTC: ``days`` (0 = Monday), opening at ``start`` for ``length``."""
+
+    days: frozenset[int]
+    start: dt.time
+    length: dt.timedelta
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> MaintenanceWindow:
+        days = frozenset(_DAYS.index(d) for d in raw.get("days") or _DAYS if d in _DAYS)
+        hour, minute = (int(x) for x in str(raw.get("start", "00:00")).split(":"))
+        return cls(days, dt.time(hour, minute), parse_duration(str(raw.get("duration", "24h"))))
+
+
+@dataclass(frozen=True)
+class RotationPolicySpec:
+    rotation_period: dt.timedelta
+    retire_after: dt.timedelta | None
+    destroy_after: dt.timedelta
+    rewrap: Rewrap
+    window: MaintenanceWindow | None
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> RotationPolicySpec:
+        retire = spec.get("retireAfter")
+        window = spec.get("maintenanceWindow")
+        return cls(
+            rotation_period=parse_duration(str(spec["rotationPeriod"])),
+            retire_after=parse_duration(str(retire)) if retire is not None else None,
+            destroy_after=(
+                parse_duration(str(spec["destroyAfter"]))
+                if spec.get("destroyAfter")
+                else DEFAULT_DESTROY_AFTER
+            ),
+            rewrap=Rewrap(spec.get("rewrap") or Rewrap.AUTOMATIC),
+            window=MaintenanceWindow.parse(window) if isinstance(window, Mapping) else None,
+        )
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    key: str
+    operator: str
+    values: frozenset[str]
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        if self.operator == "NotIn":
+            return self.key not in labels or labels[self.key] not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        return False
+
+
+@dataclass(frozen=True)
+class NamespaceSelector:
+    """KeyRing ``allowedNamespaces``: listed names, or a label selector over Namespaces."""
+
+    names: frozenset[str] = frozenset()
+    match_labels: Mapping[str, str] | None = None
+    match_expressions: tuple[LabelRequirement, ...] = ()
+    has_selector: bool = False
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> NamespaceSelector:
+        selector = raw.get("selector")
+        if not isinstance(selector, Mapping):
+            return cls(names=frozenset(raw.get("names") or ()))
+        return cls(
+            names=frozenset(raw.get("names") or ()),
+            match_labels=dict(_map(selector.get("matchLabels"))),
+            match_expressions=tuple(
+                LabelRequirement(e["key"], e["operator"], frozenset(e.get("values") or ()))
+                for e in selector.get("matchExpressions") or ()
+            ),
+            has_selector=True,
+        )
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.has_selector
+
+    def allows(self, namespace: str, labels: Mapping[str, str] | None) -> bool:
+        """Whether ``namespace`` (with ``labels``, None if unknown) may use the KeyRing."""
+        if namespace in self.names:
+            return True
+        if not self.has_selector or labels is None:
+            return False
+        if any(labels.get(k) != v for k, v in (self.match_labels or {}).items()):
+            return False
+        return all(req.matches(labels) for req in self.match_expressions)
+
+
+@dataclass(frozen=True)
+class KeyRingSpec:
+    provider: str
+    policy_name: str | None
+    allowed: NamespaceSelector
+    allow_plaintext_export: bool
+    deletion_policy: DeletionPolicy
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> KeyRingSpec:
+        return cls(
+            provider=str(_map(spec.get("provider")).get("name") or "default"),
+            policy_name=_map(spec.get("rotationPolicyRef")).get("name"),
+            allowed=NamespaceSelector.parse(_map(spec.get("allowedNamespaces"))),
+            allow_plaintext_export=bool(spec.get("allowPlaintextExport", False)),
+            deletion_policy=DeletionPolicy(spec.get("deletionPolicy") or DeletionPolicy.RETAIN),
+        )
+
+
+@dataclass(frozen=True)
+class SecretKeys:
+    """Names of the entries in the DataKey's Secret."""
+
+    wrapped_key: str = "wrapped-key"
+    key_ring: str = "key-ring"
+    version: str = "key-version"
+    context: str = "encryption-context"
+    plaintext: str = "plaintext-key"
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> SecretKeys:
+        d = cls()
+        return cls(
+            wrapped_key=raw.get("wrappedKey") or d.wrapped_key,
+            key_ring=raw.get("keyRing") or d.key_ring,
+            version=raw.get("version") or d.version,
+            context=raw.get("context") or d.context,
+            plaintext=raw.get("plaintext") or d.plaintext,
+        )
+
+
+@dataclass(frozen=True)
+class RestartTarget:
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DataKeySpec:
+    key_ring: str
+    secret_name: str
+    length: int
+    encryption_context: Mapping[str, str]
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    keys: SecretKeys
+    regenerate_after: dt.timedelta | None
+    restart_targets: tuple[RestartTarget, ...]
+    expose_plaintext: bool
+    consumers: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> DataKeySpec:
+        template = _map(spec.get("template"))
+        metadata = _map(template.get("metadata"))
+        regen = spec.get("regenerateAfter")
+        return cls(
+            key_ring=str(_map(spec.get("keyRingRef"))["name"]),
+            secret_name=str(spec["secretName"]),
+            length=int(spec.get("length") or DEFAULT_DEK_LENGTH),
+            encryption_context=dict(_map(spec.get("encryptionContext"))),
+            labels=dict(_map(metadata.get("labels"))),
+            annotations=dict(_map(metadata.get("annotations"))),
+            keys=SecretKeys.parse(_map(template.get("keys"))),
+            regenerate_after=parse_duration(str(regen)) if regen else None,
+            restart_targets=tuple(
+                RestartTarget(str(t["kind"]), str(t["name"]))
+                for t in spec.get("rolloutRestartTargets") or ()
+            ),
+            expose_plaintext=bool(spec.get("exposePlaintext", False)),
+            consumers=tuple(spec.get("consumers") or ()),
+        )

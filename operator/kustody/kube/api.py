@@ -1,0 +1,183 @@
+"""A small async REST client over the ``kubernetes`` package's ApiClient.
+
+It speaks plain dicts (no generated models: faster, and the CRDs have none) and runs the
+blocking HTTP calls on a dedicated thread pool so that reconcilers stay async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
+from kustody.kube.resources import Resource
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+Observer = Callable[[str, str, int, float], None]
+
+
+def load_api_client(kubeconfig: str | None = None) -> Any:
+    """An ApiClient from ``kubeconfig``, $KUBECONFIG, or the in-cluster ServiceAccount."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        return config.new_client_from_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+class Kube:
+    """Typed async access to the API server. ``observe(verb, kind, status, seconds)`` is
+    called for every request (for metrics and the benchmark's request count)."""
+
+    def __init__(self, api_client: Any, *, workers: int = 16, observe: Observer | None = None):
+        self._api = api_client
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
+        self._observe = observe
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: Mapping[str, str] | None = None,
+        kind: str = "",
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self._request, method, path, body, content_type, query, kind
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        content_type: str,
+        query: Mapping[str, str] | None,
+        kind: str,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        status = 0
+        try:
+            response = self._api.call_api(
+                path,
+                method,
+                query_params=list((query or {}).items()),
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=30,
+            )
+            status = int(response.status)
+            data = response.data
+            return json.loads(data) if data else {}
+        except ApiException as exc:
+            status = int(exc.status or 0)
+            raise _error(exc) from None
+        except OSError as exc:
+            raise Unavailable(0, "Unreachable", type(exc).__name__) from None
+        finally:
+            if self._observe is not None:
+                self._observe(method, kind, status, time.perf_counter() - started)
+
+    # -- generic verbs ---------------------------------------------------------------------
+
+    async def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any]:
+        return await self.request("GET", res.path(name, namespace), kind=res.kind)
+
+    async def get_or_none(
+        self, res: Resource, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        try:
+            return await self.get(res, name, namespace)
+        except NotFound:
+            return None
+
+    async def list(
+        self, res: Resource, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        result = await self.request("GET", res.path(None, namespace), query=query, kind=res.kind)
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    async def create(
+        self, res: Resource, body: Mapping[str, Any], namespace: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request("POST", res.path(None, namespace), body=body, kind=res.kind)
+
+    async def replace(
+        self, res: Resource, name: str, body: Mapping[str, Any], namespace: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request("PUT", res.path(name, namespace), body=body, kind=res.kind)
+
+    async def patch(
+        self,
+        res: Resource,
+        name: str,
+        patch: Any,
+        namespace: str | None = None,
+        *,
+        subresource: str = "",
+        content_type: str = MERGE_PATCH,
+    ) -> dict[str, Any]:
+        path = res.path(name, namespace) + (f"/{subresource}" if subresource else "")
+        return await self.request(
+            "PATCH", path, body=patch, content_type=content_type, kind=res.kind
+        )
+
+    async def patch_status(
+        self,
+        res: Resource,
+        name: str,
+        status: Mapping[str, Any],
+        namespace: str | None = None,
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Merge-patch ``status``; with ``resource_version``, fail with Conflict if stale."""
+        patch: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        return await self.patch(res, name, patch, namespace, subresource="status")
+
+    async def delete(self, res: Resource, name: str, namespace: str | None = None) -> None:
+        with contextlib.suppress(NotFound):
+            await self.request("DELETE", res.path(name, namespace), kind=res.kind)
+
+
+def _error(exc: ApiException) -> KubeError:
+    status = int(exc.status or 0)
+    reason, message = str(exc.reason or ""), ""
+    try:
+        body = json.loads(exc.body or "{}")
+        reason = str(body.get("reason") or reason)
+        message = str(body.get("message") or "")
+    except (TypeError, ValueError):
+        pass
+    if status == 404:
+        return NotFound(status, reason, message)
+    if status == 409:
+        return Conflict(status, reason, message)
+    if status in (0, 429) or status >= 500:
+        return Unavailable(status, reason, message)
+    return KubeError(status, reason, message)
