@@ -28,8 +28,8 @@ def own_token(tmp_path: Path) -> SoftHSMToken:
     return create_token(tmp_path / "token", "fault-test")
 
 
-async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(check: Callable[[], Awaitable[bool]], within: float = 15) -> None:
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
