@@ -70,6 +70,15 @@ class KeyVersionRef:
         return f"{self.key_ring}/v{self.version}"
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """What may be said about a KEK version in public: never key material."""
+
+    ref: KeyVersionRef
+    state: VersionState
+    fingerprint: str  # key check value, hex
+
+
 def parse_label(label: str) -> KeyVersionRef | None:
     """The version a token object's label names, or None for labels Kustody did not write."""
     match = _LABEL.fullmatch(label)

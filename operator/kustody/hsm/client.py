@@ -20,11 +20,10 @@ import grpc
 import grpc.aio
 
 from kustody.domain.aad import Binding
-from kustody.domain.keyversion import KeyVersionRef, VersionState
+from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
 from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.kekstore import VersionInfo
 from kustody.hsm.rpcerror import from_rpc_error
 
 __all__ = [

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from kustody.domain.keyversion import VersionInfo
 from kustody.hsm import thread
 from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.kekstore import KekStore, VersionInfo
+from kustody.hsm.kekstore import KekStore
 from kustody.hsm.pin import read_pin
 from kustody.hsm.token import TokenConfig, TokenLost, TokenSession
 

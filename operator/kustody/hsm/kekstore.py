@@ -27,7 +27,13 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
 from kustody.domain.envelope import NONCE_BYTES, TAG_BYTES
-from kustody.domain.keyversion import KeyVersionRef, VersionState, parse_label, primary_version
+from kustody.domain.keyversion import (
+    KeyVersionRef,
+    VersionInfo,
+    VersionState,
+    parse_label,
+    primary_version,
+)
 from kustody.hsm import thread
 from kustody.hsm.errors import HsmError, Reason
 from kustody.hsm.token import TokenLost, TokenSession, classify
@@ -36,15 +42,6 @@ log = logging.getLogger(__name__)
 
 TOMBSTONE_APPLICATION = "kustody-tombstone"
 _AUTH_FAILED = (p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """What may be said about a KEK version in public: never key material."""
-
-    ref: KeyVersionRef
-    state: VersionState
-    fingerprint: str
 
 
 @dataclass

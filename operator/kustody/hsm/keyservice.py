@@ -13,10 +13,10 @@ from typing import TypeVar
 from kustody.domain.aad import Binding, KmsBinding, associated_data
 from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, Envelope, header_for
 from kustody.domain.errors import DomainError
-from kustody.domain.keyversion import KeyVersionRef, VersionState, validate_key_ring
+from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState, validate_key_ring
 from kustody.hsm.connection import Health, HsmConnection
 from kustody.hsm.errors import HsmError, Reason, from_domain
-from kustody.hsm.kekstore import KekStore, VersionInfo
+from kustody.hsm.kekstore import KekStore
 
 T = TypeVar("T")
 U = TypeVar("U")

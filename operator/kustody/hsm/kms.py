@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from kustody.domain.aad import KmsBinding
 from kustody.domain.envelope import Envelope
-from kustody.domain.keyversion import VersionState
+from kustody.domain.keyversion import VersionInfo, VersionState
 from kustody.hsm._proto import kms_v2_pb2 as pb
 from kustody.hsm._proto import kms_v2_pb2_grpc as pb_grpc
 from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.kekstore import VersionInfo
 from kustody.hsm.keyservice import KeyService
 from kustody.hsm.metrics import Metrics
-from kustody.hsm.rpcerror import Context, observed
+from kustody.hsm.rpccall import observed
+from kustody.hsm.rpcerror import Context
 
 API_VERSION = "v2"
 

@@ -13,11 +13,10 @@ from typing import TypeVar
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError
-from kustody.domain.keyversion import VersionState
+from kustody.domain.keyversion import VersionInfo, VersionState
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
 from kustody.hsm.errors import HsmError, Reason, from_domain
-from kustody.hsm.kekstore import VersionInfo
 from kustody.hsm.keyservice import (
     DEFAULT_DEK_BYTES,
     GeneratedKey,
@@ -26,7 +25,8 @@ from kustody.hsm.keyservice import (
     RewrapRequest,
 )
 from kustody.hsm.metrics import Metrics
-from kustody.hsm.rpcerror import Context, observed
+from kustody.hsm.rpccall import observed
+from kustody.hsm.rpcerror import Context
 
 T = TypeVar("T")
 
