@@ -1,0 +1,450 @@
+"""KeyRing reconciler: provisions KEK versions, rotates, retires and destroys them.
+
+Each pass recomputes what is due from the KeyRing's status, its RotationPolicy, what
+references each version, and the clock (``domain.lifecycle.plan``), then makes the HSM
+match. Every HSM call is idempotent (deterministic version objects), and the status is
+written right after each change with the object's resourceVersion, so a crash or a stale
+view repeats at most an idempotent step.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from kustody.domain import lifecycle
+from kustody.domain.conditions import Condition, merge
+from kustody.domain.errors import DomainError
+from kustody.domain.lifecycle import ActionKind, References, State, Version
+from kustody.domain.rotation import decide
+from kustody.domain.secret import LABEL_KEYRING, LABEL_VERSION, MANAGED_BY, MANAGER
+from kustody.domain.specs import (
+    ROTATE_ANNOTATION,
+    DeletionPolicy,
+    KeyRingSpec,
+    Rewrap,
+    RotationPolicySpec,
+)
+from kustody.domain.timestamps import format_time, parse_time
+from kustody.handlers.runtime import Runtime
+from kustody.hsm.client import HsmError, VersionState
+from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
+
+log = logging.getLogger(__name__)
+
+FINALIZER = "kustody.io/keyring-protection"
+RESYNC_SECONDS = 300.0
+_TOKEN_STATE = {
+    VersionState.ENABLED: State.ENABLED,
+    VersionState.DISABLED: State.DISABLED,
+    VersionState.DESTROYED: State.DESTROYED,
+}
+
+
+class IntegrityError(Exception):
+    """The token does not hold what the status recorded: act on nothing until it does."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class _Pass:
+    """Mutable state of one reconcile pass over one KeyRing."""
+
+    def __init__(self, rt: Runtime, obj: Mapping[str, Any]) -> None:
+        self.rt = rt
+        self.obj = obj
+        self.name: str = obj["metadata"]["name"]
+        self.status: dict[str, Any] = dict(obj.get("status") or {})
+        self.versions = [Version.from_status(v) for v in self.status.get("versions") or ()]
+        self.now = rt.clock()
+        self.conditions: list[Condition] = []
+
+    @property
+    def primary(self) -> int | None:
+        value = self.status.get("primaryVersion")
+        return int(value) if value else None
+
+    def set_versions(self, versions: Sequence[Version]) -> None:
+        self.versions = sorted(versions, key=lambda v: v.version)
+        self.status["versions"] = [v.to_status() for v in self.versions]
+
+    async def save(self) -> None:
+        """Write the status now (guarded by resourceVersion) if it changed."""
+        meta = self.obj["metadata"]
+        self.status["observedGeneration"] = meta.get("generation")
+        self.status["conditions"] = merge(
+            self.status.get("conditions") or (),
+            self.conditions,
+            meta.get("generation") or 0,
+            self.now,
+        )
+        if self.status == (self.obj.get("status") or {}):
+            return
+        updated = await self.rt.kube.patch_status(
+            KEYRINGS, self.name, self.status, resource_version=meta.get("resourceVersion")
+        )
+        self.rt.keyrings.put(updated)
+        self.obj = updated
+        self.status = dict(updated.get("status") or {})
+
+
+def resolve_policy(rt: Runtime, spec: KeyRingSpec) -> tuple[RotationPolicySpec | None, str | None]:
+    """The KeyRing's policy, or why it cannot be used."""
+    if spec.policy_name is None:
+        return None, None
+    obj = rt.policies.get(None, spec.policy_name)
+    if obj is None:
+        return None, f"RotationPolicy {spec.policy_name} does not exist"
+    try:
+        return RotationPolicySpec.parse(obj.get("spec") or {}), None
+    except (DomainError, KeyError, ValueError) as exc:
+        return None, f"RotationPolicy {spec.policy_name} cannot be used: {exc}"
+
+
+async def reconcile(rt: Runtime, name: str) -> float | None:
+    obj = rt.keyrings.get(None, name)
+    if obj is None:
+        return None
+    meta = obj["metadata"]
+    deleting = bool(meta.get("deletionTimestamp"))
+    finalizers = list(meta.get("finalizers") or ())
+    if deleting and FINALIZER not in finalizers:
+        return None
+    if not deleting and FINALIZER not in finalizers:
+        obj = await _set_finalizers(rt, obj, [*finalizers, FINALIZER])
+
+    spec = KeyRingSpec.parse(obj.get("spec") or {})
+    policy, policy_problem = resolve_policy(rt, spec)
+    p = _Pass(rt, obj)
+    try:
+        if not p.versions:
+            await _provision(p)
+        await _check_hsm(p)
+        if not deleting:
+            await _rotate_if_due(p, policy)
+        refs = await _references(rt, name, fresh=False)
+        plan = lifecycle.plan(
+            p.versions,
+            p.primary,
+            policy,
+            refs,
+            p.now,
+            deleting=deleting and spec.deletion_policy is DeletionPolicy.DESTROY,
+        )
+        if plan.actions:
+            # Act only on what the API server says right now, not on the cache.
+            refs = await _references(rt, name, fresh=True)
+            plan = lifecycle.plan(
+                p.versions,
+                p.primary,
+                policy,
+                refs,
+                p.now,
+                deleting=deleting and spec.deletion_policy is DeletionPolicy.DESTROY,
+            )
+            await _apply(p, plan.actions, policy)
+        for version, why in plan.blocked:
+            await rt.events.warning(
+                p.obj, "RetirementBlocked", f"version {version} is not disabled: {why}"
+            )
+    except HsmError as exc:
+        p.conditions += [
+            Condition("HSMReachable", False, _camel(exc.reason), exc.message),
+            Condition(
+                "Ready", False, "HSMUnavailable", f"HSM sidecar: {exc.reason}: {exc.message}"
+            ),
+        ]
+        await p.save()
+        await rt.events.warning(p.obj, "HSMError", f"{exc.reason}: {exc.message}")
+        raise
+    except IntegrityError as exc:
+        p.conditions += [
+            Condition("HSMReachable", True, "Reachable", "the HSM sidecar answers"),
+            Condition("Ready", False, exc.reason, exc.message),
+        ]
+        await p.save()
+        await rt.events.warning(p.obj, exc.reason, exc.message)
+        return 30.0
+
+    if deleting:
+        return await _finish_deletion(p, spec)
+
+    decision = decide(p.now, parse_time(p.status.get("lastRotationAt")), policy, None, None)
+    refs = await _references(rt, name, fresh=False)
+    _summarise(p, spec, policy, policy_problem, refs, decision.next_at)
+    await p.save()
+
+    due = [t for t in (plan.next_due, decision.next_at) if t is not None]
+    wait = min([(t - p.now).total_seconds() for t in due] + [RESYNC_SECONDS])
+    return max(1.0, wait)
+
+
+async def _set_finalizers(
+    rt: Runtime, obj: Mapping[str, Any], finalizers: list[str]
+) -> Mapping[str, Any]:
+    meta = obj["metadata"]
+    patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+    updated = await rt.kube.patch(KEYRINGS, meta["name"], patch)
+    rt.keyrings.put(updated)
+    return updated
+
+
+async def _provision(p: _Pass) -> None:
+    """Create version 1, or adopt the versions the token already holds for this name."""
+    described = await p.rt.call_hsm("DescribeKey", p.rt.hsm.describe_key(p.name))
+    if described.versions:
+        versions = [
+            Version(i.ref.version, _TOKEN_STATE[i.state], p.now, i.fingerprint)
+            for i in described.versions
+        ]
+        reason, message = (
+            "Adopted",
+            (
+                f"adopted {len(versions)} existing version(s) from the HSM "
+                f"(deletionPolicy Retain of an earlier KeyRing {p.name})"
+            ),
+        )
+    else:
+        info = await p.rt.call_hsm("CreateKeyVersion", p.rt.hsm.create_key_version(p.name, 1))
+        versions = [Version(1, State.ENABLED, p.now, info.fingerprint)]
+        reason, message = "Created", f"created KEK version 1 (fingerprint {info.fingerprint})"
+    enabled = [v.version for v in versions if v.state is State.ENABLED]
+    p.set_versions(versions)
+    p.status["primaryVersion"] = max(enabled) if enabled else None
+    p.status["lastRotationAt"] = format_time(p.now)
+    p.conditions.append(Condition("HSMReachable", True, "Reachable", "the HSM sidecar answers"))
+    await p.save()
+    await p.rt.events.normal(p.obj, reason, message)
+
+
+async def _check_hsm(p: _Pass) -> None:
+    """The token must hold every live version with the fingerprint recorded at creation."""
+    described = await p.rt.call_hsm("DescribeKey", p.rt.hsm.describe_key(p.name))
+    token = {i.ref.version: i for i in described.versions}
+    for v in p.versions:
+        if v.state is State.DESTROYED:
+            continue
+        info = token.get(v.version)
+        if info is None or info.state is VersionState.DESTROYED:
+            raise IntegrityError(
+                "KeyMaterialMissing",
+                f"version {v.version} is not in the HSM token (was the token replaced?); "
+                "nothing is rotated, disabled or destroyed until it is back",
+            )
+        if v.fingerprint and info.fingerprint != v.fingerprint:
+            raise IntegrityError(
+                "FingerprintMismatch",
+                f"version {v.version} in the HSM has fingerprint {info.fingerprint}, "
+                f"expected {v.fingerprint}; nothing is changed until this is resolved",
+            )
+        want = VersionState.ENABLED if v.state is State.ENABLED else VersionState.DISABLED
+        if info.state is not want:
+            await p.rt.call_hsm(
+                "SetVersionState", p.rt.hsm.set_version_state(p.name, v.version, want)
+            )
+    p.conditions.append(Condition("HSMReachable", True, "Reachable", "the HSM sidecar answers"))
+
+
+async def _rotate_if_due(p: _Pass, policy: RotationPolicySpec | None) -> None:
+    annotations = p.obj["metadata"].get("annotations") or {}
+    requested = annotations.get(ROTATE_ANNOTATION)
+    decision = decide(
+        p.now,
+        parse_time(p.status.get("lastRotationAt")),
+        policy,
+        requested,
+        p.status.get("lastRotationRequest"),
+    )
+    if not decision.due:
+        return
+    new = max((v.version for v in p.versions), default=0) + 1
+    try:
+        info = await p.rt.call_hsm("CreateKeyVersion", p.rt.hsm.create_key_version(p.name, new))
+    except HsmError:
+        p.rt.metrics.rotations.labels("failure").inc()
+        raise
+    p.set_versions([*p.versions, Version(new, State.ENABLED, p.now, info.fingerprint)])
+    p.status.update(
+        primaryVersion=new,
+        lastRotationAt=format_time(p.now),
+        lastRotationReason=decision.reason,
+    )
+    if decision.reason == "Requested":
+        p.status["lastRotationRequest"] = requested
+    await p.save()
+    p.rt.metrics.rotations.labels("success").inc()
+    await p.rt.events.normal(
+        p.obj,
+        "Rotated",
+        f"version {new} is now primary ({decision.reason.lower()} rotation, "
+        f"fingerprint {info.fingerprint})",
+    )
+    p.rt.enqueue_datakeys_of(p.name)
+
+
+async def _references(rt: Runtime, keyring: str, *, fresh: bool) -> References:
+    """Which versions DataKeys (by status and by their Secret) and Secrets still use."""
+    datakeys: Sequence[Mapping[str, Any]]
+    secrets: Sequence[Mapping[str, Any]]
+    if fresh:
+        datakeys = [
+            d
+            for d in await rt.kube.list(DATAKEYS)
+            if ((d.get("spec") or {}).get("keyRingRef") or {}).get("name") == keyring
+        ]
+        secrets = await rt.kube.list(
+            SECRETS, label_selector=f"{MANAGED_BY}={MANAGER},{LABEL_KEYRING}={keyring}"
+        )
+        for s in secrets:
+            rt.secrets.put(s)
+    else:
+        datakeys = list(rt.datakeys.by_index(keyring))
+        secrets = list(rt.secrets.by_index(keyring))
+    by_secret = {
+        (s["metadata"].get("namespace"), s["metadata"]["name"]): _secret_version(s) for s in secrets
+    }
+    dk_counts: collections.Counter[int] = collections.Counter()
+    for dk in datakeys:
+        used: set[int] = set()
+        if v := (dk.get("status") or {}).get("keyRingVersion"):
+            used.add(int(v))
+        secret_name = (dk.get("spec") or {}).get("secretName")
+        if (sv := by_secret.get((dk["metadata"].get("namespace"), secret_name))) is not None:
+            used.add(sv)
+        dk_counts.update(used)
+    secret_counts = collections.Counter(v for v in by_secret.values() if v is not None)
+    return References(dict(dk_counts), dict(secret_counts))
+
+
+def _secret_version(secret: Mapping[str, Any]) -> int | None:
+    value = ((secret.get("metadata") or {}).get("labels") or {}).get(LABEL_VERSION)
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+async def _apply(
+    p: _Pass, actions: Sequence[lifecycle.Action], policy: RotationPolicySpec | None
+) -> None:
+    by_version = {v.version: v for v in p.versions}
+    for action in actions:
+        v = by_version[action.version]
+        if action.kind is ActionKind.DISABLE:
+            await p.rt.call_hsm(
+                "SetVersionState",
+                p.rt.hsm.set_version_state(p.name, v.version, VersionState.DISABLED),
+            )
+        elif action.kind is ActionKind.RESTORE:
+            await p.rt.call_hsm(
+                "SetVersionState",
+                p.rt.hsm.set_version_state(p.name, v.version, VersionState.ENABLED),
+            )
+        elif action.kind is ActionKind.DESTROY:
+            await p.rt.call_hsm("DestroyVersion", p.rt.hsm.destroy_version(p.name, v.version))
+        new = lifecycle.apply(v, action, p.now, policy)
+        by_version[v.version] = new
+        p.set_versions(list(by_version.values()))
+        await p.save()
+        p.rt.metrics.lifecycle.labels(str(new.state)).inc()
+        await _announce(p, action, new)
+
+
+async def _announce(p: _Pass, action: lifecycle.Action, v: Version) -> None:
+    if action.kind is ActionKind.DISABLE:
+        await p.rt.events.normal(
+            p.obj,
+            "Disabled",
+            f"version {v.version} disabled ({action.reason}); it no longer decrypts",
+        )
+    elif action.kind is ActionKind.SCHEDULE_DESTROY:
+        when = format_time(v.destroy_at) if v.destroy_at else "?"
+        await p.rt.events.warning(
+            p.obj,
+            "DestroyScheduled",
+            f"version {v.version} will be destroyed at {when}; restore it before then to keep it",
+        )
+    elif action.kind is ActionKind.DESTROY:
+        await p.rt.events.warning(
+            p.obj, "Destroyed", f"version {v.version} destroyed in the HSM (irreversible)"
+        )
+    else:
+        await p.rt.events.warning(
+            p.obj, "Restored", f"version {v.version} enabled again: {action.reason}"
+        )
+
+
+async def _finish_deletion(p: _Pass, spec: KeyRingSpec) -> float | None:
+    pending = [v for v in p.versions if v.state is not State.DESTROYED]
+    if spec.deletion_policy is DeletionPolicy.RETAIN or not pending:
+        meta = p.obj["metadata"]
+        remaining = [f for f in meta.get("finalizers") or () if f != FINALIZER]
+        await _set_finalizers(p.rt, p.obj, remaining)
+        return None
+    waits = [v.destroy_at for v in pending if v.destroy_at is not None]
+    message = f"deletionPolicy Destroy: waiting for {len(pending)} version(s) to be destroyed"
+    if waits:
+        message += f"; the last at {format_time(max(waits))}"
+    p.conditions.append(Condition("Ready", False, "Deleting", message))
+    await p.save()
+    due = min(waits) if waits else p.now + dt.timedelta(seconds=RESYNC_SECONDS)
+    return max(1.0, min(RESYNC_SECONDS, (due - p.now).total_seconds()))
+
+
+def _summarise(
+    p: _Pass,
+    spec: KeyRingSpec,
+    policy: RotationPolicySpec | None,
+    policy_problem: str | None,
+    refs: References,
+    next_at: dt.datetime | None,
+) -> None:
+    p.set_versions([replace(v, data_keys=refs.data_keys.get(v.version, 0)) for v in p.versions])
+    p.status["destructionImpact"] = lifecycle.destruction_impact(p.versions, refs)
+    if next_at is not None:
+        p.status["nextRotationAt"] = format_time(next_at)
+    else:
+        p.status.pop("nextRotationAt", None)
+    primary = p.primary
+    datakeys = p.rt.datakeys.by_index(p.name)
+    behind = sum(
+        1
+        for d in datakeys
+        if (v := (d.get("status") or {}).get("keyRingVersion")) and int(v) != primary
+    )
+    manual = policy is not None and policy.rewrap is Rewrap.MANUAL
+    if behind and not manual:
+        rotating = Condition(
+            "Rotating",
+            True,
+            "Rewrapping",
+            f"{behind} of {len(datakeys)} DataKeys still wrapped under older versions",
+        )
+    elif behind:
+        rotating = Condition(
+            "Rotating",
+            False,
+            "ManualRewrap",
+            f"{behind} DataKeys wrapped under older versions (rewrap: Manual)",
+        )
+    else:
+        rotating = Condition("Rotating", False, "UpToDate", f"every DataKey uses version {primary}")
+    enabled = sum(1 for v in p.versions if v.state is State.ENABLED)
+    if policy_problem:
+        ready = Condition("Ready", False, "RotationPolicyNotFound", policy_problem)
+    else:
+        ready = Condition(
+            "Ready",
+            True,
+            "Ready",
+            f"primary version {primary}; {enabled} of {len(p.versions)} versions enabled",
+        )
+    p.conditions += [rotating, ready]
+
+
+def _camel(reason: str) -> str:
+    return "".join(part.capitalize() for part in reason.split("_"))

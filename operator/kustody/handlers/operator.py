@@ -1,0 +1,231 @@
+"""The operator process: leader election, cache sync, Kopf watches and reconcile workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from kustody.domain.secret import MANAGED_BY, MANAGER
+from kustody.handlers import datakey, keyring, policy, watch
+from kustody.handlers.metrics import OperatorMetrics
+from kustody.handlers.runtime import DATAKEY, KEYRING, POLICY, QueueKey, Runtime
+from kustody.hsm.client import HsmClient, HsmError
+from kustody.kube.api import Kube, load_api_client
+from kustody.kube.errors import Conflict, KubeError, NotFound
+from kustody.kube.events import EventRecorder
+from kustody.kube.leader import LeaderElector
+from kustody.kube.resources import DATAKEYS, KEYRINGS, NAMESPACES, ROTATION_POLICIES, SECRETS
+
+log = logging.getLogger("kustody.operator")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    hsm_socket: Path
+    kubeconfig: str | None = None
+    namespace: str = "kustody-system"
+    lease_name: str = "kustody-operator"
+    identity: str = ""
+    leader_election: bool = True
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - the metrics port is meant to be scraped
+    workers: int = 64
+    kube_threads: int = 16
+    resync_seconds: float = 300.0
+    health_seconds: float = 10.0
+    hsm_timeout: float = 10.0
+
+
+async def _sync(rt: Runtime) -> None:
+    """Fill every store from a LIST before any reconcile runs (no decisions on a half cache)."""
+    kinds = (
+        (rt.keyrings, KEYRINGS, None),
+        (rt.datakeys, DATAKEYS, None),
+        (rt.policies, ROTATION_POLICIES, None),
+        (rt.secrets, SECRETS, f"{MANAGED_BY}={MANAGER}"),
+        (rt.namespaces, NAMESPACES, None),
+    )
+    for store, res, selector in kinds:
+        for obj in await rt.kube.list(res, label_selector=selector):
+            obj.setdefault("apiVersion", res.api_version)
+            obj.setdefault("kind", res.kind)
+            store.put(obj)
+    _enqueue_all(rt)
+
+
+def _enqueue_all(rt: Runtime) -> None:
+    for ns, name in rt.policies:
+        rt.enqueue(POLICY, ns, name)
+    for ns, name in rt.keyrings:
+        rt.enqueue(KEYRING, ns, name)
+    for ns, name in rt.datakeys:
+        rt.enqueue(DATAKEY, ns, name)
+
+
+_RECONCILERS: dict[str, Callable[[Runtime, str, str], Awaitable[float | None]]] = {
+    KEYRING: lambda rt, _ns, name: keyring.reconcile(rt, name),
+    DATAKEY: datakey.reconcile,
+    POLICY: lambda rt, _ns, name: policy.reconcile(rt, name),
+}
+
+
+async def _worker(rt: Runtime) -> None:
+    while True:
+        key: QueueKey = await rt.queue.get()
+        kind, namespace, name = key
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            again = await _RECONCILERS[kind](rt, namespace, name)
+            rt.queue.forget(key)
+            if again is not None:
+                rt.queue.add(key, again)
+        except Conflict:
+            outcome = "conflict"  # a newer version is on its way through the watch
+            rt.queue.add(key, 0.5)
+        except NotFound:
+            outcome = "gone"
+        except (HsmError, KubeError) as exc:
+            outcome = "error"
+            delay = rt.queue.retry(key)
+            log.warning("%s %s/%s: %s (retry in %.1fs)", kind, namespace, name, exc, delay)
+        except Exception:
+            outcome = "error"
+            delay = rt.queue.retry(key)
+            log.exception(
+                "%s %s/%s failed unexpectedly (retry in %.1fs)", kind, namespace, name, delay
+            )
+        finally:
+            rt.queue.done(key)
+            rt.metrics.reconcile.labels(kind, outcome).observe(time.perf_counter() - started)
+
+
+async def _resync(rt: Runtime, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        _enqueue_all(rt)
+
+
+async def _watch_hsm(rt: Runtime, every: float) -> None:
+    while True:
+        try:
+            health = await rt.hsm.health()
+            serving, reason, message = health.serving, health.reason, health.message
+        except HsmError as exc:
+            serving, reason, message = False, str(exc.reason), exc.message
+        was = rt.health.serving
+        came_back = rt.hsm_checked(serving, reason, message)
+        if came_back:
+            log.info("HSM sidecar is serving again; resuming")
+            _enqueue_all(rt)
+        elif was is not False and not serving:
+            log.warning("HSM sidecar not serving: %s %s", reason, message)
+            for ns, name in rt.keyrings:
+                rt.enqueue(KEYRING, ns, name)
+        await asyncio.sleep(every)
+
+
+def _kopf_registry(rt: Runtime, kubeconfig: str | None) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        watch.configure(settings)
+
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: Any) -> Any:
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return kopf.login_with_service_account(**kwargs)
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    watch.register(registry, rt)
+    return registry
+
+
+async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
+    """Run until ``stop`` is set (0) or leadership is lost (1)."""
+    if config.kubeconfig:
+        os.environ["KUBECONFIG"] = config.kubeconfig
+    stop = stop or asyncio.Event()
+    metrics = OperatorMetrics()
+    kube = Kube(
+        load_api_client(config.kubeconfig),
+        workers=config.kube_threads,
+        observe=metrics.observe_kube,
+    )
+    identity = config.identity or f"{socket.gethostname()}-{os.getpid()}"
+    elector = LeaderElector(kube, config.namespace, config.lease_name, identity)
+    hsm = HsmClient.unix(config.hsm_socket, timeout=config.hsm_timeout)
+    rt = Runtime(kube, hsm, EventRecorder(kube), metrics)
+    metrics.watch_objects(rt.keyrings, rt.datakeys, rt.clock)
+    server = (
+        metrics.serve(config.metrics_port, config.metrics_address) if config.metrics_port else None
+    )
+    exit_code = 0
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        if config.leader_election:
+            acquired = asyncio.ensure_future(elector.acquire())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({acquired, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquired.done():
+                acquired.cancel()
+                return 0
+            stopping.cancel()
+        log.info("operator %s is active; syncing caches", identity)
+        await _sync(rt)
+        log.info(
+            "synced %d KeyRings, %d DataKeys, %d RotationPolicies, %d Secrets",
+            len(rt.keyrings),
+            len(rt.datakeys),
+            len(rt.policies),
+            len(rt.secrets),
+        )
+        kopf_stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(
+                kopf.operator(
+                    registry=_kopf_registry(rt, config.kubeconfig),
+                    clusterwide=True,
+                    standalone=True,
+                    stop_flag=kopf_stop,
+                ),
+                name="kopf",
+            ),
+            asyncio.create_task(_resync(rt, config.resync_seconds), name="resync"),
+            asyncio.create_task(_watch_hsm(rt, config.health_seconds), name="hsm-health"),
+            *(asyncio.create_task(_worker(rt), name=f"worker-{i}") for i in range(config.workers)),
+        ]
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
+        if config.leader_election:
+            waiters.add(asyncio.ensure_future(elector.hold()))
+        done, _ = await asyncio.wait(waiters | {tasks[0]}, return_when=asyncio.FIRST_COMPLETED)
+        if tasks[0] in done or not stop.is_set():
+            exit_code = 1
+            log.error("stopping: %s", "kopf exited" if tasks[0] in done else "leadership lost")
+        for w in waiters:
+            w.cancel()
+        kopf_stop.set()
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(tasks[0], 10)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if config.leader_election and exit_code == 0:
+            await elector.release()
+        await hsm.close()
+        kube.close()
+        if server is not None:
+            server.shutdown()
+    return exit_code

@@ -1,0 +1,127 @@
+"""Everything a reconciler needs, in one place: stores, queue, API and HSM clients, metrics."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kustody.domain.secret import LABEL_KEYRING, MANAGED_BY, MANAGER
+from kustody.handlers.batcher import Batcher
+from kustody.handlers.metrics import OperatorMetrics
+from kustody.handlers.store import Obj, Store
+from kustody.handlers.workqueue import WorkQueue
+from kustody.hsm.client import Binding, DataKey, GenerateItem, HsmClient, HsmError, ReWrapped
+from kustody.kube.api import Kube
+from kustody.kube.events import EventRecorder
+
+T = TypeVar("T")
+QueueKey = tuple[str, str, str]  # (kind, namespace or "", name)
+
+KEYRING, DATAKEY, POLICY = "KeyRing", "DataKey", "RotationPolicy"
+
+
+def _datakey_keyring(obj: Obj) -> str | None:
+    ref = (obj.get("spec") or {}).get("keyRingRef") or {}
+    name = ref.get("name")
+    return str(name) if name else None
+
+
+def _secret_keyring(obj: Obj) -> str | None:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    if labels.get(MANAGED_BY) != MANAGER:
+        return None
+    name = labels.get(LABEL_KEYRING)
+    return str(name) if name else None
+
+
+def _policy_of(obj: Obj) -> str | None:
+    ref = (obj.get("spec") or {}).get("rotationPolicyRef") or {}
+    name = ref.get("name")
+    return str(name) if name else None
+
+
+@dataclass
+class HsmHealth:
+    serving: bool | None = None  # None until the first check
+    reason: str = ""
+    message: str = ""
+    checked_at: float = 0.0
+
+
+@dataclass
+class Runtime:
+    kube: Kube
+    hsm: HsmClient
+    events: EventRecorder
+    metrics: OperatorMetrics
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    keyrings: Store = field(default_factory=lambda: Store(_policy_of))
+    datakeys: Store = field(default_factory=lambda: Store(_datakey_keyring))
+    policies: Store = field(default_factory=Store)
+    secrets: Store = field(default_factory=lambda: Store(_secret_keyring))
+    namespaces: Store = field(default_factory=Store)
+    queue: WorkQueue[QueueKey] = field(default_factory=WorkQueue)
+    health: HsmHealth = field(default_factory=HsmHealth)
+    max_batch: int = 100
+    _generate: Batcher[GenerateItem, DataKey] | None = None
+    _rewrap: dict[int, Batcher[tuple[str, Binding], ReWrapped]] = field(default_factory=dict)
+
+    # -- queueing ------------------------------------------------------------------------
+
+    def enqueue(self, kind: str, namespace: str | None, name: str, delay: float = 0.0) -> None:
+        self.queue.add((kind, namespace or "", name), delay)
+
+    def enqueue_datakeys_of(self, keyring: str, delay: float = 0.0) -> None:
+        for dk in self.datakeys.by_index(keyring):
+            meta = dk["metadata"]
+            self.enqueue(DATAKEY, meta.get("namespace"), meta["name"], delay)
+
+    # -- HSM calls, measured ----------------------------------------------------------------
+
+    async def call_hsm(self, op: str, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except HsmError as exc:
+            self.metrics.hsm_requests.labels(op, str(exc.reason)).inc()
+            raise
+        self.metrics.hsm_requests.labels(op, "ok").inc()
+        return result
+
+    async def generate(self, item: GenerateItem) -> DataKey:
+        if self._generate is None:
+            self._generate = Batcher(self._send_generate, max_batch=self.max_batch)
+        return await self._generate.submit(item)
+
+    async def rewrap(self, wrapped: str, binding: Binding, to_version: int) -> ReWrapped:
+        batcher = self._rewrap.get(to_version)
+        if batcher is None:
+
+            async def send(items: Sequence[tuple[str, Binding]]) -> list[ReWrapped | HsmError]:
+                return await self._measured_batch(
+                    "BatchReWrap", self.hsm.batch_rewrap(items, to_version=to_version)
+                )
+
+            batcher = self._rewrap[to_version] = Batcher(send, max_batch=self.max_batch)
+        return await batcher.submit((wrapped, binding))
+
+    async def _send_generate(self, items: Sequence[GenerateItem]) -> list[DataKey | HsmError]:
+        return await self._measured_batch(
+            "BatchGenerateDataKey", self.hsm.batch_generate_data_keys(items)
+        )
+
+    async def _measured_batch(self, op: str, call: Awaitable[list[Any]]) -> list[Any]:
+        results = await self.call_hsm(op, call)
+        failed = sum(1 for r in results if isinstance(r, HsmError))
+        if failed:
+            self.metrics.hsm_requests.labels(f"{op}Item", "error").inc(failed)
+        return results
+
+    def hsm_checked(self, serving: bool, reason: str, message: str) -> bool:
+        """Record a health result; returns True when the sidecar just came back."""
+        came_back = serving and self.health.serving is False
+        self.health = HsmHealth(serving, reason, message, time.monotonic())
+        self.metrics.hsm_up.labels("serving" if serving else "not_serving").inc()
+        return came_back
