@@ -38,7 +38,9 @@ def merge(
             "status": cond.status_text,
             "observedGeneration": generation,
             "lastTransitionTime": (
-                format_time(now) if changed or old is None else old.get("lastTransitionTime")
+                format_time(now)
+                if changed or old is None or not old.get("lastTransitionTime")
+                else old["lastTransitionTime"]
             ),
             "reason": cond.reason,
             "message": cond.message[:1024],

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kustody.domain.schedule import in_window
+from kustody.domain.schedule import in_window, next_window_start
 from kustody.domain.specs import DEFAULT_DESTROY_AFTER, RotationPolicySpec
 from kustody.domain.timestamps import format_time, parse_time
 
@@ -123,7 +123,8 @@ def plan(
     blocked: list[tuple[int, str]] = []
     due: list[dt.datetime] = []
     retire_after = policy.retire_after if policy else None
-    window_open = in_window(policy.window if policy else None, now)
+    window = policy.window if policy else None
+    window_open = in_window(window, now)
 
     for v in versions:
         used = refs.count(v.version)
@@ -131,6 +132,14 @@ def plan(
             actions.append(
                 Action(ActionKind.RESTORE, v.version, f"still referenced by {used} object(s)")
             )
+            continue
+        if (
+            v.state in (State.DISABLED, State.DESTROY_SCHEDULED)
+            and v.version == primary
+            and not deleting
+        ):
+            # Inconsistent status: never destroy the version that wraps new data keys.
+            blocked.append((v.version, "primary version"))
             continue
         if v.state is State.ENABLED and (deleting or v.version != primary):
             start = now if deleting else superseded_at(versions, v.version)
@@ -143,7 +152,11 @@ def plan(
                 blocked.append((v.version, f"referenced by {used} object(s)"))
             elif deleting or window_open:
                 actions.append(Action(ActionKind.DISABLE, v.version, "retired"))
+            else:
+                due.append(next_window_start(window, now))
         elif v.state is State.DISABLED:
+            if retire_after is None and not deleting:
+                continue  # without a policy (or retireAfter) nothing is destroyed automatically
             disabled = v.disabled_at or now
             schedule_at = now if deleting else disabled + (retire_after or dt.timedelta(0))
             if now < schedule_at:
@@ -151,8 +164,11 @@ def plan(
             else:
                 actions.append(Action(ActionKind.SCHEDULE_DESTROY, v.version, "disabled"))
         elif v.state is State.DESTROY_SCHEDULED:
-            destroy_at = v.destroy_at or now
-            if now < destroy_at:
+            destroy_at = v.destroy_at
+            if destroy_at is None:
+                # Missing or garbled destroyAt: start the waiting period again, never destroy now.
+                actions.append(Action(ActionKind.SCHEDULE_DESTROY, v.version, "destroyAt missing"))
+            elif now < destroy_at:
                 due.append(destroy_at)
             else:
                 actions.append(Action(ActionKind.DESTROY, v.version, "waiting period over"))
@@ -182,5 +198,5 @@ def destruction_impact(versions: Sequence[Version], refs: References) -> list[di
             "secrets": refs.secrets.get(v.version, 0),
         }
         for v in versions
-        if v.state is State.DESTROY_SCHEDULED
+        if v.state is State.DESTROY_SCHEDULED and refs.count(v.version)
     ]

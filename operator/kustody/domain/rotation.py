@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from kustody.domain.schedule import next_rotation
+from kustody.domain.schedule import in_window, next_rotation, next_window_start
 from kustody.domain.specs import RotationPolicySpec
 
 
@@ -33,6 +33,9 @@ def decide(
     )
     if requested and requested != handled_request:
         return RotationDecision(True, "Requested", next_at)
-    if next_at is not None and now >= next_at:
-        return RotationDecision(True, "Scheduled", next_at)
+    if policy is not None and next_at is not None and now >= next_at:
+        if in_window(policy.window, now):
+            return RotationDecision(True, "Scheduled", next_at)
+        # Overdue but the window has closed since (e.g. the operator was down): wait for the next.
+        next_at = next_window_start(policy.window, now)
     return RotationDecision(False, "", next_at)

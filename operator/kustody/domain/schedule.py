@@ -17,6 +17,7 @@ def in_window(window: MaintenanceWindow | None, now: dt.datetime) -> bool:
 
 def window_opening_at_or_before(window: MaintenanceWindow, now: dt.datetime) -> dt.datetime | None:
     """The latest window opening at or before ``now`` (looking back eight days)."""
+    now = now.astimezone(dt.UTC)  # windows are in UTC: take the UTC date, not the local one
     for back in range(8):
         day = (now - dt.timedelta(days=back)).date()
         opening = dt.datetime.combine(day, window.start, tzinfo=dt.UTC)
@@ -29,6 +30,7 @@ def next_window_start(window: MaintenanceWindow | None, after: dt.datetime) -> d
     """``after`` itself if a window is open then, else the next opening."""
     if window is None or in_window(window, after):
         return after
+    after = after.astimezone(dt.UTC)
     for ahead in range(8):
         day = (after + dt.timedelta(days=ahead)).date()
         opening = dt.datetime.combine(day, window.start, tzinfo=dt.UTC)
