@@ -1,0 +1,194 @@
+"""``kustody operator``, ``kustody rotate`` and ``kustody status``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from kustody.domain.specs import ROTATE_ANNOTATION
+from kustody.domain.timestamps import parse_time
+from kustody.errors import UserError
+from kustody.handlers.operator import OperatorConfig, run
+from kustody.kube.api import Kube, load_api_client
+from kustody.kube.errors import KubeError, NotFound
+from kustody.kube.resources import DATAKEYS, KEYRINGS
+
+
+def _operator(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    config = OperatorConfig(
+        hsm_socket=args.hsm_socket,
+        kubeconfig=args.kubeconfig,
+        namespace=args.namespace,
+        lease_name=args.lease_name,
+        identity=args.identity or "",
+        leader_election=not args.no_leader_election,
+        metrics_port=args.metrics_port,
+        workers=args.workers,
+        resync_seconds=args.resync,
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run(config, stop)
+
+    return asyncio.run(main())
+
+
+def _kube(args: argparse.Namespace) -> Kube:
+    try:
+        return Kube(load_api_client(args.kubeconfig), workers=4)
+    except Exception as exc:  # the kubernetes package raises several unrelated types here
+        raise UserError(f"cannot load Kubernetes credentials: {exc}") from None
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    kube = _kube(args)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    async def annotate() -> None:
+        patch = {"metadata": {"annotations": {ROTATE_ANNOTATION: stamp}}}
+        await kube.patch(KEYRINGS, args.keyring, patch)
+
+    try:
+        asyncio.run(annotate())
+    except NotFound:
+        raise UserError(f"KeyRing {args.keyring} does not exist") from None
+    except KubeError as exc:
+        raise UserError(f"could not request rotation of {args.keyring}: {exc}") from None
+    finally:
+        kube.close()
+    print(f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    kube = _kube(args)
+
+    async def fetch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return await kube.list(KEYRINGS), await kube.list(DATAKEYS)
+
+    try:
+        keyrings, datakeys = asyncio.run(fetch())
+    except KubeError as exc:
+        raise UserError(f"could not read KeyRings: {exc}") from None
+    finally:
+        kube.close()
+    print(render_status(keyrings, datakeys, dt.datetime.now(dt.UTC)))
+    return 0
+
+
+def render_status(
+    keyrings: list[dict[str, Any]], datakeys: list[dict[str, Any]], now: dt.datetime
+) -> str:
+    """The text of ``kustody status``: KeyRings, versions, next rotations, destruction impact."""
+    lines: list[str] = []
+    for kr in sorted(keyrings, key=lambda k: k["metadata"]["name"]):
+        name = kr["metadata"]["name"]
+        status = kr.get("status") or {}
+        ready = _ready(status)
+        nxt = parse_time(status.get("nextRotationAt"))
+        when = (
+            "on request only" if nxt is None else f"{status['nextRotationAt']} ({_ago(nxt, now)})"
+        )
+        lines.append(
+            f"KeyRing {name}: Ready={ready.get('status', 'Unknown')} "
+            f"({ready.get('reason', 'Pending')}), primary v{status.get('primaryVersion', '-')}, "
+            f"next rotation {when}"
+        )
+        for v in status.get("versions") or ():
+            extra = f", destroy at {v['destroyAt']}" if v.get("destroyAt") else ""
+            lines.append(
+                f"  v{v['version']:<4} {v.get('state', '?'):<17} "
+                f"fingerprint {v.get('fingerprint', '')}  {v.get('dataKeys', 0)} DataKey(s){extra}"
+            )
+        for impact in status.get("destructionImpact") or ():
+            lines.append(
+                f"  ! destroying v{impact['version']} would make {impact['dataKeys']} DataKey(s) "
+                f"and {impact['secrets']} Secret(s) unreadable"
+            )
+        mine = [
+            d
+            for d in datakeys
+            if ((d.get("spec") or {}).get("keyRingRef") or {}).get("name") == name
+        ]
+        not_ready = [d for d in mine if _ready(d.get("status") or {}).get("status") != "True"]
+        lines.append(f"  DataKeys: {len(mine)}, not Ready: {len(not_ready)}")
+        for d in not_ready[:10]:
+            cond = _ready(d.get("status") or {})
+            lines.append(
+                f"    {d['metadata']['namespace']}/{d['metadata']['name']}: "
+                f"{cond.get('reason', 'Pending')}: {cond.get('message', '')}"
+            )
+    return "\n".join(lines) if lines else "no KeyRings"
+
+
+def _ready(status: dict[str, Any]) -> dict[str, Any]:
+    conditions = status.get("conditions") or ()
+    return next((dict(c) for c in conditions if c.get("type") == "Ready"), {})
+
+
+def _ago(when: dt.datetime, now: dt.datetime) -> str:
+    seconds = int((when - now).total_seconds())
+    word = "in" if seconds >= 0 else "overdue by"
+    seconds = abs(seconds)
+    if seconds >= 86400:
+        return f"{word} {seconds // 86400}d"
+    if seconds >= 3600:
+        return f"{word} {seconds // 3600}h"
+    return f"{word} {seconds // 60}m"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def with_kubeconfig(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--kubeconfig",
+            default=os.environ.get("KUBECONFIG"),
+            help="kubeconfig file (default: $KUBECONFIG, else in-cluster)",
+        )
+        return p
+
+    op = with_kubeconfig(sub.add_parser("operator", help="run the Kustody operator"))
+    op.add_argument(
+        "--hsm-socket",
+        type=Path,
+        default=Path(os.environ.get("KUSTODY_HSM_SOCKET", "/run/kustody/hsm.sock")),
+        help="unix socket of the HSM sidecar (default: %(default)s)",
+    )
+    op.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "kustody-system"),
+        help="namespace of the leader-election Lease (default: %(default)s)",
+    )
+    op.add_argument("--lease-name", default="kustody-operator", help="leader-election Lease name")
+    op.add_argument("--identity", help="leader-election identity (default: hostname-pid)")
+    op.add_argument(
+        "--no-leader-election", action="store_true", help="act without holding the Lease"
+    )
+    op.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    op.add_argument("--workers", type=int, default=64, help="concurrent reconciles")
+    op.add_argument("--resync", type=float, default=300.0, help="seconds between full passes")
+    op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    op.set_defaults(func=_operator)
+
+    rotate = with_kubeconfig(sub.add_parser("rotate", help="request a rotation of a KeyRing now"))
+    rotate.add_argument("keyring", help="the KeyRing to rotate")
+    rotate.set_defaults(func=_rotate)
+
+    status = with_kubeconfig(
+        sub.add_parser("status", help="KeyRings, versions, next rotations, destruction impact")
+    )
+    status.set_defaults(func=_status)
