@@ -45,6 +45,8 @@ class Binding:
     namespace: str
     name: str
     context: Mapping[str, str] = field(default_factory=dict)
+    # The encoding, computed once at construction (it also validates the fields).
+    _encoded: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         if not self.namespace or not self.name:
@@ -55,9 +57,12 @@ class Binding:
                 f"the limit is {MAX_CONTEXT_ENTRIES}"
             )
         object.__setattr__(self, "context", MappingProxyType(dict(self.context)))
-        self.encode()
+        object.__setattr__(self, "_encoded", self._encode())
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    def _encode(self) -> bytes:
         entries = sorted(
             (
                 _utf8(k, "an encryptionContext key", MAX_CONTEXT_KEY_BYTES),
@@ -80,16 +85,18 @@ class KmsBinding:
     """A Kubernetes KMS v2 seed: bound to the key_id kube-apiserver stores next to it."""
 
     key_id: str
+    _encoded: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         if not self.key_id:
             raise InvalidArgument("a KMS binding needs a key_id")
-        self.encode()
+        encoded = _KMS_TAG + _lp(_utf8(self.key_id, "key_id", MAX_KEY_ID_BYTES))
+        object.__setattr__(self, "_encoded", encoded)
 
     def encode(self) -> bytes:
-        return _KMS_TAG + _lp(_utf8(self.key_id, "key_id", MAX_KEY_ID_BYTES))
+        return self._encoded
 
 
 def associated_data(header: bytes, binding: Binding | KmsBinding) -> bytes:
     """AAD = envelope header ‖ encoded binding."""
-    return header + binding.encode()
+    return header + binding._encoded

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class Envelope:
         return _parse(raw)
 
 
+@functools.lru_cache(maxsize=4096)
 def header_for(key: KeyVersionRef) -> bytes:
     ring = key.key_ring.encode("ascii")
     return MAGIC + bytes([FORMAT_VERSION, len(ring)]) + ring + struct.pack(">I", key.version)

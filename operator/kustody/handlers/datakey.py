@@ -21,7 +21,7 @@ from kustody.domain.schedule import in_window
 from kustody.domain.secret import SECRET_TYPE, SecretContent, differs, render
 from kustody.domain.specs import DataKeySpec, KeyRingSpec, Rewrap, RotationPolicySpec
 from kustody.domain.timestamps import format_time, parse_time
-from kustody.handlers.runtime import DATAKEY, Runtime
+from kustody.handlers.runtime import DATAKEY, KEYRING, Runtime
 from kustody.hsm.client import Binding, GenerateItem, HsmError
 from kustody.kube import workloads
 from kustody.kube.errors import Conflict, NotFound
@@ -206,6 +206,7 @@ async def _converge(
         )
         rt.datakeys.put(updated)
         obj = updated
+        rt.enqueue(KEYRING, None, spec.key_ring, delay=1.0)  # its references and Rotating
 
     restored = await _publish(rt, obj, spec, secret, content)
     if event is not None:

@@ -30,7 +30,7 @@ from kustody.domain.specs import (
     RotationPolicySpec,
 )
 from kustody.domain.timestamps import format_time, parse_time
-from kustody.handlers.runtime import Runtime
+from kustody.handlers.runtime import Runtime, matters_to_datakeys
 from kustody.hsm.client import HsmError, VersionState
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
 
@@ -91,6 +91,9 @@ class _Pass:
             KEYRINGS, self.name, self.status, resource_version=meta.get("resourceVersion")
         )
         self.rt.keyrings.put(updated)
+        # The watch echo of our own write is absorbed by the store: fan out here instead.
+        if matters_to_datakeys(self.obj, updated):
+            self.rt.enqueue_datakeys_of(self.name)
         self.obj = updated
         self.status = dict(updated.get("status") or {})
 

@@ -152,6 +152,14 @@ def _kopf_registry(rt: Runtime, kubeconfig: str | None) -> kopf.OperatorRegistry
     return registry
 
 
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
     """Run until ``stop`` is set (0) or leadership is lost (1)."""
     if config.kubeconfig:
@@ -183,7 +191,17 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
                 return 0
             stopping.cancel()
         log.info("operator %s is active; syncing caches", identity)
-        await _sync(rt)
+        while True:
+            try:
+                await _sync(rt)
+                break
+            except NotFound:
+                log.error(
+                    "the kustody.io CRDs are not installed; install them with "
+                    "`kubectl apply --server-side -f crds/` (or the Helm chart); retrying in 5s"
+                )
+                if await _stopped(stop, 5.0):
+                    return 0
         log.info(
             "synced %d KeyRings, %d DataKeys, %d RotationPolicies, %d Secrets",
             len(rt.keyrings),

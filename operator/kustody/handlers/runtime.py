@@ -43,6 +43,23 @@ def _policy_of(obj: Obj) -> str | None:
     return str(name) if name else None
 
 
+def matters_to_datakeys(old: Obj | None, new: Obj | None) -> bool:
+    """Whether a KeyRing change can change what its DataKeys should do."""
+
+    def view(o: Obj | None) -> tuple[Any, ...]:
+        if o is None:
+            return ()
+        meta, status = o.get("metadata") or {}, o.get("status") or {}
+        return (
+            meta.get("generation"),
+            meta.get("deletionTimestamp"),
+            status.get("primaryVersion"),
+            status.get("lastRotationReason"),
+        )
+
+    return view(old) != view(new)
+
+
 @dataclass
 class HsmHealth:
     serving: bool | None = None  # None until the first check

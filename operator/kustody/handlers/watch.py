@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 
 from kustody.domain.secret import LABEL_DATAKEY, MANAGED_BY, MANAGER
-from kustody.handlers.runtime import DATAKEY, KEYRING, POLICY, Runtime
+from kustody.handlers.runtime import DATAKEY, KEYRING, POLICY, Runtime, matters_to_datakeys
 from kustody.handlers.store import Obj, Store, key_of
 from kustody.kube.resources import GROUP, VERSION
 
@@ -28,21 +28,6 @@ def _record(store: Store, event: Mapping[str, Any]) -> tuple[Obj | None, Obj, bo
     return previous, obj, store.put(obj)
 
 
-def _matters_to_datakeys(old: Obj | None, new: Obj) -> bool:
-    def view(o: Obj | None) -> tuple[Any, ...]:
-        if o is None:
-            return ()
-        meta, status = o.get("metadata") or {}, o.get("status") or {}
-        return (
-            meta.get("generation"),
-            meta.get("deletionTimestamp"),
-            status.get("primaryVersion"),
-            status.get("lastRotationReason"),
-        )
-
-    return view(old) != view(new)
-
-
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     @kopf.on.event(GROUP, VERSION, "keyrings", registry=registry)
     async def keyring_event(event: Mapping[str, Any], **_: Any) -> None:
@@ -51,7 +36,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             return
         name = obj["metadata"]["name"]
         rt.enqueue(KEYRING, None, name)
-        if _matters_to_datakeys(old, obj) or event.get("type") == "DELETED":
+        if matters_to_datakeys(old, obj) or event.get("type") == "DELETED":
             rt.enqueue_datakeys_of(name)
         if policy := ((obj.get("spec") or {}).get("rotationPolicyRef") or {}).get("name"):
             rt.enqueue(POLICY, None, policy, delay=1.0)

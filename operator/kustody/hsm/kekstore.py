@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 TOMBSTONE_APPLICATION = "kustody-tombstone"
 _AUTH_FAILED = (p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
+_GCM = Mechanism.AES_GCM
+_TAG_BITS = TAG_BYTES * 8
 
 
 @dataclass
@@ -279,43 +281,38 @@ class KekStore:
         return rec.info
 
     # -- crypto ----------------------------------------------------------------------------
+    #
+    # The batch paths call the primitives below once per item with no other per-item PKCS#11
+    # work: the key handle is looked up once per version per batch (usable_key), and nonces
+    # (and DEKs) for the whole batch come from one C_GenerateRandom (random), split into
+    # disjoint slices, so every seal still gets its own 12 fresh bytes from the token RNG.
 
     def random(self, nbytes: int) -> bytes:
+        """``nbytes`` from the token RNG (one C_GenerateRandom)."""
         with _pkcs11_errors("reading the token RNG"):
             return bytes(self._session.generate_random(nbytes * 8))
 
-    def seal(self, ref: KeyVersionRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
-        """AES-256-GCM in the token under ``ref``: (nonce, ciphertext ‖ tag)."""
-        key = self._usable_key(ref)
-        with _pkcs11_errors(f"sealing under {ref}"):
-            nonce = bytes(self._session.generate_random(NONCE_BYTES * 8))
-            sealed = key.encrypt(
-                plaintext,
-                mechanism=Mechanism.AES_GCM,
-                mechanism_param=GCMParams(nonce, aad, TAG_BYTES * 8),
-            )
-        return nonce, bytes(sealed)
+    def usable_key(self, ref: KeyVersionRef) -> Any:
+        """The key object of an ENABLED version, or the HsmError saying why not."""
+        return self._usable_key(ref)
 
-    def generate(self, ref: KeyVersionRef, length: int, aad: bytes) -> tuple[bytes, bytes, bytes]:
-        """A DEK from the token RNG, sealed: (plaintext, nonce, ciphertext ‖ tag)."""
-        key = self._usable_key(ref)
-        with _pkcs11_errors(f"generating a data key under {ref}"):
-            rnd = bytes(self._session.generate_random((NONCE_BYTES + length) * 8))
-            nonce, dek = rnd[:NONCE_BYTES], rnd[NONCE_BYTES:]
-            sealed = key.encrypt(
-                dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128)
-            )
-        return dek, nonce, bytes(sealed)
-
-    def unseal(self, ref: KeyVersionRef, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
-        key = self._usable_key(ref)
+    @staticmethod
+    def encrypt(key: Any, ref: KeyVersionRef, plaintext: bytes, nonce: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM seal with a caller-supplied token-RNG nonce: ciphertext ‖ tag."""
         try:
-            return bytes(
-                key.decrypt(
-                    sealed,
-                    mechanism=Mechanism.AES_GCM,
-                    mechanism_param=GCMParams(nonce, aad, TAG_BYTES * 8),
-                )
+            sealed: bytes = key.encrypt(
+                plaintext, mechanism=_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+            )
+        except p11.PKCS11Error as exc:
+            raise _translate(exc, f"sealing under {ref}") from None
+        return sealed
+
+    def decrypt(
+        self, key: Any, ref: KeyVersionRef, nonce: bytes, sealed: bytes, aad: bytes
+    ) -> bytes:
+        try:
+            plaintext: bytes = key.decrypt(
+                sealed, mechanism=_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
             )
         except _AUTH_FAILED:
             # SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR; make sure it was the tag
@@ -328,3 +325,20 @@ class KekStore:
             ) from None
         except p11.PKCS11Error as exc:
             raise _translate(exc, f"unsealing under {ref}") from None
+        return plaintext
+
+    def seal(self, ref: KeyVersionRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM in the token under ``ref``: (nonce, ciphertext ‖ tag)."""
+        key = self._usable_key(ref)
+        nonce = self.random(NONCE_BYTES)
+        return nonce, self.encrypt(key, ref, plaintext, nonce, aad)
+
+    def generate(self, ref: KeyVersionRef, length: int, aad: bytes) -> tuple[bytes, bytes, bytes]:
+        """A DEK from the token RNG, sealed: (plaintext, nonce, ciphertext ‖ tag)."""
+        key = self._usable_key(ref)
+        rnd = self.random(NONCE_BYTES + length)
+        nonce, dek = rnd[:NONCE_BYTES], rnd[NONCE_BYTES:]
+        return dek, nonce, self.encrypt(key, ref, dek, nonce, aad)
+
+    def unseal(self, ref: KeyVersionRef, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        return self.decrypt(self._usable_key(ref), ref, nonce, sealed, aad)

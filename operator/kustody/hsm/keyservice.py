@@ -8,18 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any
 
 from kustody.domain.aad import Binding, KmsBinding, associated_data
-from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, Envelope, header_for
+from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, NONCE_BYTES, Envelope, header_for
 from kustody.domain.errors import DomainError
 from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState, validate_key_ring
 from kustody.hsm.connection import Health, HsmConnection
 from kustody.hsm.errors import HsmError, Reason, from_domain
 from kustody.hsm.kekstore import KekStore
-
-T = TypeVar("T")
-U = TypeVar("U")
 
 DEFAULT_DEK_BYTES = 32
 MIN_DEK_BYTES = 16
@@ -70,19 +67,6 @@ def check_batch(count: int) -> None:
         raise HsmError(
             Reason.REQUEST_TOO_LARGE, f"{count} items in one batch; the limit is {MAX_BATCH_ITEMS}"
         )
-
-
-def _each(items: Sequence[T], fn: Callable[[T], U]) -> list[U | HsmError]:
-    """Per-item results; a lost token still aborts the whole batch."""
-    results: list[U | HsmError] = []
-    for item in items:
-        try:
-            results.append(fn(item))
-        except HsmError as exc:
-            results.append(exc)
-        except DomainError as exc:
-            results.append(from_domain(exc))
-    return results
 
 
 def _ref(key_ring: str, version: int) -> KeyVersionRef:
@@ -140,9 +124,21 @@ class KeyService:
     async def generate_data_keys(
         self, requests: Sequence[GenerateRequest]
     ) -> list[GeneratedKey | HsmError]:
-        """All items in one trip to the PKCS#11 thread."""
+        """All items in one trip to the PKCS#11 thread, with one RNG call for the batch."""
         check_batch(len(requests))
-        return await self.connection.run(lambda s: _each(requests, lambda r: self._generate(s, r)))
+        results: list[GeneratedKey | HsmError | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                _checked_length(request.length)
+                valid.append(i)
+            except HsmError as exc:
+                results[i] = exc
+        batch = [requests[i] for i in valid]
+        generated = await self.connection.run(lambda s: self._generate_batch(s, batch))
+        for i, key in zip(valid, generated, strict=True):
+            results[i] = key
+        return [r for r in results if r is not None]
 
     async def decrypt(self, envelope: Envelope, binding: Binding | KmsBinding) -> bytes:
         """The plaintext of a wrapped key. Callers decide who may receive it."""
@@ -152,8 +148,9 @@ class KeyService:
         return await self.connection.run(lambda s: self._rewrap(s, request))
 
     async def rewrap_many(self, requests: Sequence[RewrapRequest]) -> list[Envelope | HsmError]:
+        """All items in one trip to the PKCS#11 thread, with one RNG call for the nonces."""
         check_batch(len(requests))
-        return await self.connection.run(lambda s: _each(requests, lambda r: self._rewrap(s, r)))
+        return await self.connection.run(lambda s: self._rewrap_batch(s, requests))
 
     async def seal(
         self, key_ring: str, version: int | None, plaintext: bytes, binding_for: BindingFor
@@ -186,6 +183,70 @@ class KeyService:
         )
 
     @staticmethod
+    def _generate_batch(
+        store: KekStore, requests: Sequence[GenerateRequest]
+    ) -> list[GeneratedKey | HsmError]:
+        """Per-item results; a lost token (TokenLost) still aborts the whole batch.
+
+        One C_GenerateRandom yields nonce ‖ DEK for every item (disjoint slices); then one
+        C_EncryptInit + C_Encrypt per item. Resolution and key lookup happen once per version.
+        """
+        keys = _Keys(store)
+        rnd = store.random(sum(NONCE_BYTES + r.length for r in requests)) if requests else b""
+        results: list[GeneratedKey | HsmError] = []
+        offset = 0
+        for request in requests:
+            end = offset + NONCE_BYTES + request.length
+            nonce, dek = rnd[offset : offset + NONCE_BYTES], rnd[offset + NONCE_BYTES : end]
+            offset = end
+            try:
+                ref, key, header = keys.get(request.key_ring, request.version)
+                sealed = store.encrypt(
+                    key, ref, dek, nonce, associated_data(header, request.binding)
+                )
+                results.append(
+                    GeneratedKey(
+                        Envelope(ref, nonce, sealed), dek if request.include_plaintext else None
+                    )
+                )
+            except HsmError as exc:
+                results.append(exc)
+            except DomainError as exc:
+                results.append(from_domain(exc))
+        return results
+
+    @staticmethod
+    def _rewrap_batch(
+        store: KekStore, requests: Sequence[RewrapRequest]
+    ) -> list[Envelope | HsmError]:
+        """Unseal + reseal per item; one C_GenerateRandom for all the new nonces."""
+        keys = _Keys(store)
+        rnd = store.random(NONCE_BYTES * len(requests)) if requests else b""
+        results: list[Envelope | HsmError] = []
+        for i, request in enumerate(requests):
+            nonce = rnd[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
+            old = request.envelope
+            try:
+                from_ref, from_key, from_header = keys.get(old.key.key_ring, old.key.version)
+                plaintext = store.decrypt(
+                    from_key,
+                    from_ref,
+                    old.nonce,
+                    old.ciphertext,
+                    associated_data(from_header, request.binding),
+                )
+                ref, key, header = keys.get(old.key.key_ring, request.to_version)
+                sealed = store.encrypt(
+                    key, ref, plaintext, nonce, associated_data(header, request.binding)
+                )
+                results.append(Envelope(ref, nonce, sealed))
+            except HsmError as exc:
+                results.append(exc)
+            except DomainError as exc:
+                results.append(from_domain(exc))
+        return results
+
+    @staticmethod
     def _unseal(store: KekStore, envelope: Envelope, binding: Binding | KmsBinding) -> bytes:
         aad = associated_data(envelope.header, binding)
         return store.unseal(envelope.key, envelope.nonce, envelope.ciphertext, aad)
@@ -198,6 +259,29 @@ class KeyService:
             ref, plaintext, associated_data(header_for(ref), request.binding)
         )
         return Envelope(ref, nonce, sealed)
+
+
+class _Keys:
+    """Per-batch cache: (KeyRing, version or None) -> (ref, key object, header) or the error."""
+
+    def __init__(self, store: KekStore) -> None:
+        self._store = store
+        self._cache: dict[tuple[str, int | None], tuple[KeyVersionRef, Any, bytes] | HsmError] = {}
+
+    def get(self, key_ring: str, version: int | None) -> tuple[KeyVersionRef, Any, bytes]:
+        found = self._cache.get((key_ring, version))
+        if found is None:
+            try:
+                ref = self._store.resolve(key_ring, version)
+                found = (ref, self._store.usable_key(ref), header_for(ref))
+            except HsmError as exc:
+                found = exc
+            except DomainError as exc:
+                found = from_domain(exc)
+            self._cache[(key_ring, version)] = found
+        if isinstance(found, HsmError):
+            raise found
+        return found
 
 
 BindingFor = Callable[[VersionInfo], Binding | KmsBinding]

@@ -23,6 +23,7 @@ from kustody.hsm.keyservice import (
     GenerateRequest,
     KeyService,
     RewrapRequest,
+    check_batch,
 )
 from kustody.hsm.metrics import Metrics
 from kustody.hsm.rpccall import observed
@@ -78,6 +79,24 @@ def _data_key_pb(key: GeneratedKey) -> pb.DataKey:
     )
 
 
+def _data_key_result(key: GeneratedKey | HsmError) -> pb.DataKeyResult:
+    if isinstance(key, HsmError):
+        return pb.DataKeyResult(error=error_pb(key))
+    return pb.DataKeyResult(data_key=_data_key_pb(key))
+
+
+def _rewrap_result(request: RewrapRequest, envelope: Envelope | HsmError) -> pb.ReWrapResult:
+    if isinstance(envelope, HsmError):
+        return pb.ReWrapResult(error=error_pb(envelope))
+    return pb.ReWrapResult(
+        rewrapped=pb.ReWrapped(
+            wrapped=envelope.to_text(),
+            from_version=request.envelope.key.version,
+            to_version=envelope.key.version,
+        )
+    )
+
+
 def _rewrap_request(message: pb.ReWrapRequest) -> RewrapRequest:
     return RewrapRequest(
         Envelope.from_text(message.wrapped),
@@ -115,23 +134,21 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.BatchGenerateDataKeyRequest, context: Context
     ) -> pb.BatchGenerateDataKeyResponse:
         async def work() -> pb.BatchGenerateDataKeyResponse:
-            results = [pb.DataKeyResult() for _ in request.items]
-            valid: list[tuple[int, GenerateRequest]] = []
-            for i, item in enumerate(request.items):
+            check_batch(len(request.items))
+            results: list[pb.DataKeyResult | None] = []
+            valid: list[GenerateRequest] = []
+            for item in request.items:
                 try:
-                    valid.append((i, _generate_request(item)))
+                    valid.append(_generate_request(item))
+                    results.append(None)
                 except HsmError as exc:
-                    results[i] = pb.DataKeyResult(error=error_pb(exc))
+                    results.append(pb.DataKeyResult(error=error_pb(exc)))
                 except DomainError as exc:
-                    results[i] = pb.DataKeyResult(error=error_pb(from_domain(exc)))
-            generated = await self._service.generate_data_keys([r for _, r in valid])
-            for (i, _), key in zip(valid, generated, strict=True):
-                results[i] = (
-                    pb.DataKeyResult(error=error_pb(key))
-                    if isinstance(key, HsmError)
-                    else pb.DataKeyResult(data_key=_data_key_pb(key))
-                )
-            return pb.BatchGenerateDataKeyResponse(results=results)
+                    results.append(pb.DataKeyResult(error=error_pb(from_domain(exc))))
+            generated = iter(await self._service.generate_data_keys(valid))
+            return pb.BatchGenerateDataKeyResponse(
+                results=[r if r is not None else _data_key_result(next(generated)) for r in results]
+            )
 
         return await self._call("BatchGenerateDataKey", context, work)
 
@@ -165,27 +182,22 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.BatchReWrapRequest, context: Context
     ) -> pb.BatchReWrapResponse:
         async def work() -> pb.BatchReWrapResponse:
-            results = [pb.ReWrapResult() for _ in request.items]
-            valid: list[tuple[int, RewrapRequest]] = []
-            for i, item in enumerate(request.items):
+            check_batch(len(request.items))
+            results: list[pb.ReWrapResult | None] = []
+            valid: list[RewrapRequest] = []
+            for item in request.items:
                 try:
-                    valid.append((i, _rewrap_request(item)))
+                    valid.append(_rewrap_request(item))
+                    results.append(None)
+                except HsmError as exc:
+                    results.append(pb.ReWrapResult(error=error_pb(exc)))
                 except DomainError as exc:
-                    results[i] = pb.ReWrapResult(error=error_pb(from_domain(exc)))
-            rewrapped = await self._service.rewrap_many([r for _, r in valid])
-            for (i, req), env in zip(valid, rewrapped, strict=True):
-                results[i] = (
-                    pb.ReWrapResult(error=error_pb(env))
-                    if isinstance(env, HsmError)
-                    else pb.ReWrapResult(
-                        rewrapped=pb.ReWrapped(
-                            wrapped=env.to_text(),
-                            from_version=req.envelope.key.version,
-                            to_version=env.key.version,
-                        )
-                    )
-                )
-            return pb.BatchReWrapResponse(results=results)
+                    results.append(pb.ReWrapResult(error=error_pb(from_domain(exc))))
+            rewrapped = await self._service.rewrap_many(valid)
+            done = iter(zip(valid, rewrapped, strict=True))
+            return pb.BatchReWrapResponse(
+                results=[r if r is not None else _rewrap_result(*next(done)) for r in results]
+            )
 
         return await self._call("BatchReWrap", context, work)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -76,24 +77,29 @@ class Kube:
         started = time.perf_counter()
         status = 0
         try:
-            response = self._api.call_api(
-                path,
+            # The generated client's own two steps: build the request (auth headers
+            # included), then send it. Plain dicts in and out, no model classes.
+            _method, url, headers, payload, post = self._api.param_serialize(
                 method,
+                path,
                 query_params=list((query or {}).items()),
                 header_params={"Content-Type": content_type, "Accept": "application/json"},
                 body=body,
                 auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=30,
             )
+            response = self._api.call_api(
+                method, url, header_params=headers, body=payload, post_params=post,
+                _request_timeout=30,
+            )  # fmt: skip
+            data = response.read()
             status = int(response.status)
-            data = response.data
+            if status >= 400:
+                raise _error(status, data)
             return json.loads(data) if data else {}
         except ApiException as exc:
             status = int(exc.status or 0)
-            raise _error(exc) from None
-        except OSError as exc:
+            raise _error(status, exc.body) from None
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise Unavailable(0, "Unreachable", type(exc).__name__) from None
         finally:
             if self._observe is not None:
@@ -165,11 +171,10 @@ class Kube:
             await self.request("DELETE", res.path(name, namespace), kind=res.kind)
 
 
-def _error(exc: ApiException) -> KubeError:
-    status = int(exc.status or 0)
-    reason, message = str(exc.reason or ""), ""
+def _error(status: int, raw: bytes | str | None) -> KubeError:
+    reason, message = "", ""
     try:
-        body = json.loads(exc.body or "{}")
+        body = json.loads(raw or "{}")
         reason = str(body.get("reason") or reason)
         message = str(body.get("message") or "")
     except (TypeError, ValueError):

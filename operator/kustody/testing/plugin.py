@@ -11,10 +11,17 @@ to any test suite:
     makes more.
 ``kube_namespace``
     a fresh namespace per test, deleted afterwards.
+``kustody_crds``
+    the kustody.io CRDs applied to ``kube`` (from ``$KUSTODY_CRDS_DIR`` or the checkout's crds/).
+``hsm_sidecar``
+    a session-wide ``kustody hsm`` process serving ``softhsm_token``.
+``kustody_operator``
+    a session-wide ``kustody operator`` process on ``kube``, using ``hsm_sidecar``.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +31,7 @@ import pytest
 from kustody.dev import binaries
 from kustody.dev.controlplane import Cluster, ControlPlane
 from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.stack import Operator, Sidecar
 from kustody.errors import UserError
 
 
@@ -92,3 +100,52 @@ def _quiet(_: str) -> None:
 
 
 __all__ = ["Cluster", "Path", "SoftHSMToken"]
+
+
+def crds_dir() -> Path:
+    override = os.environ.get("KUSTODY_CRDS_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "crds"
+
+
+@pytest.fixture(scope="session")
+def kustody_crds(kube: Cluster) -> Path:
+    """Apply the kustody.io CRDs (server-side, idempotent) and wait until they are served."""
+    directory = crds_dir()
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(directory))
+    kube.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/keyrings.kustody.io", "crd/datakeys.kustody.io", "crd/rotationpolicies.kustody.io",
+    )  # fmt: skip
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hsm_sidecar(
+    softhsm_token: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sidecar]:
+    """The HSM sidecar serving the session's SoftHSM2 token on a unix socket."""
+    sidecar = Sidecar(tmp_path_factory.mktemp("hsm"), softhsm_token)
+    try:
+        sidecar.start()
+    except UserError as exc:
+        pytest.fail(f"could not start the HSM sidecar: {exc}", pytrace=False)
+    yield sidecar
+    sidecar.stop()
+
+
+@pytest.fixture(scope="session")
+def kustody_operator(
+    kube: Cluster,
+    kustody_crds: Path,
+    hsm_sidecar: Sidecar,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Operator]:
+    """The operator, active (holding its Lease, caches synced) before the first test runs."""
+    operator = Operator(tmp_path_factory.mktemp("operator"), kube, hsm_sidecar.socket)
+    try:
+        operator.start().wait_active()
+    except UserError as exc:
+        operator.stop()
+        pytest.fail(f"could not start the operator: {exc}", pytrace=False)
+    yield operator
+    operator.stop()
