@@ -210,33 +210,45 @@ def test_referenced_version_is_blocked_then_retired_when_free() -> None:
     assert kinds(p) == [(ActionKind.DISABLE, 1)]
 
 
-@pytest.mark.parametrize("state", [State.DISABLED, State.DESTROY_SCHEDULED])
 @pytest.mark.parametrize(
     "refs", [References(data_keys={1: 1}), References(secrets={1: 1})], ids=["datakey", "secret"]
 )
-def test_referenced_disabled_or_scheduled_version_is_restored(
-    state: State, refs: References
+def test_referenced_disabled_version_is_restored(refs: References) -> None:
+    v1 = Version(1, State.DISABLED, T0, disabled_at=T0 + 100 * DAY)
+    p = plan([v1, two_versions()[1]], 2, policy(), refs, T0 + 200 * DAY)
+    assert kinds(p) == [(ActionKind.RESTORE, 1)]
+
+
+@pytest.mark.parametrize(
+    "refs", [References(data_keys={1: 1}), References(secrets={1: 1})], ids=["datakey", "secret"]
+)
+def test_referenced_scheduled_version_keeps_countdown_but_is_never_destroyed(
+    refs: References,
 ) -> None:
     v1 = Version(
-        1,
-        state,
-        T0,
-        disabled_at=T0 + 100 * DAY,
-        destroy_at=T0 + 150 * DAY if state is State.DESTROY_SCHEDULED else None,
+        1, State.DESTROY_SCHEDULED, T0, disabled_at=T0 + 100 * DAY, destroy_at=T0 + 150 * DAY
     )
     versions = [v1, two_versions()[1]]
-    # Even past its destroyAt: a referenced version is never destroyed.
-    now = T0 + 200 * DAY
-    p = plan(versions, 2, policy(), refs, now)
+    before = plan(versions, 2, policy(), refs, T0 + 120 * DAY)
+    assert kinds(before) == []
+    assert before.next_due == T0 + 150 * DAY
+    assert destruction_impact(versions, refs) == [
+        {"version": 1, "dataKeys": refs.data_keys.get(1, 0), "secrets": refs.secrets.get(1, 0)}
+    ]
+    # Past its destroyAt: refused while referenced, and said so.
+    after = plan(versions, 2, policy(), refs, T0 + 200 * DAY)
+    assert kinds(after) == []
+    assert [v for v, _ in after.blocked] == [1]
+    assert "referenced" in after.blocked[0][1]
+
+
+@pytest.mark.parametrize("state", [State.DISABLED, State.DESTROY_SCHEDULED])
+def test_restore_request_cancels_disable_or_destruction(state: State) -> None:
+    v1 = Version(1, state, T0, disabled_at=T0 + 100 * DAY, destroy_at=T0 + 150 * DAY)
+    p = plan(
+        [v1, two_versions()[1]], 2, policy(), References(), T0 + 120 * DAY, restore=frozenset({1})
+    )
     assert kinds(p) == [(ActionKind.RESTORE, 1)]
-    restored = apply(v1, p.actions[0], now, policy())
-    assert restored.state is State.ENABLED
-    assert restored.disabled_at is None
-    assert restored.destroy_at is None
-    # Restored and still referenced: it stays, blocked, and is not disabled again.
-    again = plan([restored, versions[1]], 2, policy(), refs, now)
-    assert again.actions == ()
-    assert [b[0] for b in again.blocked] == [1]
 
 
 def test_destroyed_version_is_never_restored() -> None:
@@ -464,8 +476,15 @@ FAST = settings(max_examples=150, deadline=None)
 @FAST
 @given(cases())
 def test_prop_referenced_versions_are_never_disabled_or_destroyed(case: Case) -> None:
+    """A referenced version never moves toward destruction. (Re-arming the countdown of a
+    version already in DestroyScheduled, when its destroyAt is unreadable, moves it away.)"""
+    state = {v.version: v.state for v in case.versions}
     for action in case.plan().actions:
-        if action.kind in DESTRUCTIVE:
+        rearm = (
+            action.kind is ActionKind.SCHEDULE_DESTROY
+            and state[action.version] is State.DESTROY_SCHEDULED
+        )
+        if action.kind in DESTRUCTIVE and not rearm:
             assert case.refs.count(action.version) == 0, action
 
 

@@ -2,9 +2,16 @@
 
 ``plan`` is the whole policy as one pure function of the KeyRing's status, its RotationPolicy,
 what references each version and the time. It never disables or destroys a version that
-something still references; a referenced version that was already Disabled or scheduled for
-destruction is brought back to Enabled (no key, no data). Every step but the last can be
-undone.
+something still references (no key, no data):
+
+- a referenced version that is Disabled is brought back to Enabled at once;
+- a referenced version in DestroyScheduled keeps its countdown (a deliberate, visible state;
+  ``destruction_impact`` reports it), but when the countdown ends it is not destroyed while
+  anything still references it;
+- versions named in ``restore`` (the ``kustody.io/restore-versions`` annotation) go back to
+  Enabled from Disabled or DestroyScheduled: the cancellation of a destruction.
+
+Every step but the last can be undone.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class Version:
     disabled_at: dt.datetime | None = None
     destroy_at: dt.datetime | None = None
     destroyed_at: dt.datetime | None = None
+    restored_at: dt.datetime | None = None
     data_keys: int = 0
 
     @classmethod
@@ -50,6 +58,7 @@ class Version:
             disabled_at=parse_time(raw.get("disabledAt")),
             destroy_at=parse_time(raw.get("destroyAt")),
             destroyed_at=parse_time(raw.get("destroyedAt")),
+            restored_at=parse_time(raw.get("restoredAt")),
             data_keys=int(raw.get("dataKeys", 0)),
         )
 
@@ -65,6 +74,7 @@ class Version:
             ("disabledAt", self.disabled_at),
             ("destroyAt", self.destroy_at),
             ("destroyedAt", self.destroyed_at),
+            ("restoredAt", self.restored_at),
         ):
             if value is not None:
                 out[key] = format_time(value)
@@ -117,6 +127,7 @@ def plan(
     now: dt.datetime,
     *,
     deleting: bool = False,
+    restore: frozenset[int] = frozenset(),
 ) -> Plan:
     """The next lifecycle steps that are due now, and when the next one falls due."""
     actions: list[Action] = []
@@ -128,7 +139,10 @@ def plan(
 
     for v in versions:
         used = refs.count(v.version)
-        if v.state in (State.DISABLED, State.DESTROY_SCHEDULED) and used:
+        if v.state in (State.DISABLED, State.DESTROY_SCHEDULED) and v.version in restore:
+            actions.append(Action(ActionKind.RESTORE, v.version, "restore requested"))
+            continue
+        if v.state is State.DISABLED and used:
             actions.append(
                 Action(ActionKind.RESTORE, v.version, f"still referenced by {used} object(s)")
             )
@@ -143,6 +157,8 @@ def plan(
             continue
         if v.state is State.ENABLED and (deleting or v.version != primary):
             start = now if deleting else superseded_at(versions, v.version)
+            if start is not None and v.restored_at is not None and not deleting:
+                start = max(start, v.restored_at)  # a restore restarts the retirement clock
             if start is None or (retire_after is None and not deleting):
                 continue
             retire_at = start if deleting else start + (retire_after or dt.timedelta(0))
@@ -170,6 +186,8 @@ def plan(
                 actions.append(Action(ActionKind.SCHEDULE_DESTROY, v.version, "destroyAt missing"))
             elif now < destroy_at:
                 due.append(destroy_at)
+            elif used:
+                blocked.append((v.version, f"destruction refused: referenced by {used} object(s)"))
             else:
                 actions.append(Action(ActionKind.DESTROY, v.version, "waiting period over"))
     return Plan(tuple(actions), tuple(blocked), min(due) if due else None)
@@ -186,7 +204,7 @@ def apply(
         return replace(v, state=State.DESTROY_SCHEDULED, destroy_at=now + wait)
     if action.kind is ActionKind.DESTROY:
         return replace(v, state=State.DESTROYED, destroyed_at=now)
-    return replace(v, state=State.ENABLED, disabled_at=None, destroy_at=None)
+    return replace(v, state=State.ENABLED, disabled_at=None, destroy_at=None, restored_at=now)
 
 
 def destruction_impact(versions: Sequence[Version], refs: References) -> list[dict[str, int]]:

@@ -17,6 +17,19 @@ from kustody.domain.duration import parse_duration
 DEFAULT_DEK_LENGTH = 32
 DEFAULT_DESTROY_AFTER = dt.timedelta(hours=720)
 ROTATE_ANNOTATION = "kustody.io/rotate-requested-at"
+RESTORE_ANNOTATION = "kustody.io/restore-versions"
+
+
+def parse_restore_request(value: str) -> frozenset[int]:
+    """``"1,3@2026-11-29T10:00:00Z"`` → {1, 3}; the part after "@" makes a request unique.
+
+    Raises ValueError for anything else, so a typo is reported rather than half-applied."""
+    versions = value.split("@", 1)[0]
+    parsed = frozenset(int(v.strip().lstrip("v")) for v in versions.split(",") if v.strip())
+    if not parsed or min(parsed) < 1:
+        raise ValueError(f"{value[:64]!r} names no versions (expected e.g. '1,3@<timestamp>')")
+    return parsed
+
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from kustody.domain.specs import ROTATE_ANNOTATION
+from kustody.domain.specs import RESTORE_ANNOTATION, ROTATE_ANNOTATION
 from kustody.domain.timestamps import parse_time
 from kustody.errors import UserError
 from kustody.handlers.operator import OperatorConfig, run
@@ -72,6 +72,27 @@ def _rotate(args: argparse.Namespace) -> int:
     finally:
         kube.close()
     print(f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    kube = _kube(args)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    value = f"{','.join(str(v) for v in sorted(set(args.versions)))}@{stamp}"
+
+    async def annotate() -> None:
+        patch = {"metadata": {"annotations": {RESTORE_ANNOTATION: value}}}
+        await kube.patch(KEYRINGS, args.keyring, patch)
+
+    try:
+        asyncio.run(annotate())
+    except NotFound:
+        raise UserError(f"KeyRing {args.keyring} does not exist") from None
+    except KubeError as exc:
+        raise UserError(f"could not request the restore: {exc}") from None
+    finally:
+        kube.close()
+    print(f"restore of {args.keyring} version(s) {value.split('@')[0]} requested")
     return 0
 
 
@@ -187,6 +208,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rotate = with_kubeconfig(sub.add_parser("rotate", help="request a rotation of a KeyRing now"))
     rotate.add_argument("keyring", help="the KeyRing to rotate")
     rotate.set_defaults(func=_rotate)
+
+    restore = with_kubeconfig(
+        sub.add_parser(
+            "restore",
+            help="bring KeyRing versions back to Enabled (cancels a scheduled destruction)",
+        )
+    )
+    restore.add_argument("keyring", help="the KeyRing")
+    restore.add_argument("versions", type=int, nargs="+", help="version numbers to restore")
+    restore.set_defaults(func=_restore)
 
     status = with_kubeconfig(
         sub.add_parser("status", help="KeyRings, versions, next rotations, destruction impact")

@@ -23,11 +23,13 @@ from kustody.domain.lifecycle import ActionKind, References, State, Version
 from kustody.domain.rotation import decide
 from kustody.domain.secret import LABEL_KEYRING, LABEL_VERSION, MANAGED_BY, MANAGER
 from kustody.domain.specs import (
+    RESTORE_ANNOTATION,
     ROTATE_ANNOTATION,
     DeletionPolicy,
     KeyRingSpec,
     Rewrap,
     RotationPolicySpec,
+    parse_restore_request,
 )
 from kustody.domain.timestamps import format_time, parse_time
 from kustody.handlers.runtime import Runtime, matters_to_datakeys
@@ -132,27 +134,22 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
         await _check_hsm(p)
         if not deleting:
             await _rotate_if_due(p, policy)
+        restore, restore_request = await _restore_request(p)
+        destroying = deleting and spec.deletion_policy is DeletionPolicy.DESTROY
         refs = await _references(rt, name, fresh=False)
         plan = lifecycle.plan(
-            p.versions,
-            p.primary,
-            policy,
-            refs,
-            p.now,
-            deleting=deleting and spec.deletion_policy is DeletionPolicy.DESTROY,
+            p.versions, p.primary, policy, refs, p.now, deleting=destroying, restore=restore
         )
         if plan.actions:
             # Act only on what the API server says right now, not on the cache.
             refs = await _references(rt, name, fresh=True)
             plan = lifecycle.plan(
-                p.versions,
-                p.primary,
-                policy,
-                refs,
-                p.now,
-                deleting=deleting and spec.deletion_policy is DeletionPolicy.DESTROY,
+                p.versions, p.primary, policy, refs, p.now, deleting=destroying, restore=restore
             )
             await _apply(p, plan.actions, policy)
+        if restore_request is not None:
+            p.status["lastRestoreRequest"] = restore_request
+            await p.save()
         for version, why in plan.blocked:
             await rt.events.warning(
                 p.obj, "RetirementBlocked", f"version {version} is not disabled: {why}"
@@ -290,6 +287,18 @@ async def _rotate_if_due(p: _Pass, policy: RotationPolicySpec | None) -> None:
         f"fingerprint {info.fingerprint})",
     )
     p.rt.enqueue_datakeys_of(p.name)
+
+
+async def _restore_request(p: _Pass) -> tuple[frozenset[int], str | None]:
+    """Versions a new ``kustody.io/restore-versions`` request asks to bring back."""
+    value = (p.obj["metadata"].get("annotations") or {}).get(RESTORE_ANNOTATION)
+    if not value or value == p.status.get("lastRestoreRequest"):
+        return frozenset(), None
+    try:
+        return parse_restore_request(value), value
+    except ValueError as exc:
+        await p.rt.events.warning(p.obj, "InvalidRestoreRequest", f"{RESTORE_ANNOTATION}: {exc}")
+        return frozenset(), value
 
 
 async def _references(rt: Runtime, keyring: str, *, fresh: bool) -> References:
