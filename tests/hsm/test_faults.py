@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from kustody.dev.softhsm import SoftHSMToken, create_token
 from kustody.domain.aad import Binding
+from kustody.domain.keyversion import VersionState
 from kustody.hsm.client import GenerateItem, HsmClient
 from kustody.hsm.errors import HsmError, Reason
 
@@ -178,3 +179,72 @@ def test_logs_of_a_full_run_hold_no_dek_or_pin(tmp_path: Path, own_token: SoftHS
     leaked = [f for f in forms if f in log]
     assert leaked == []
     assert all(dek not in log.encode("utf-8", "surrogateescape") for dek in secrets)
+
+
+def test_request_faults_are_typed_and_the_process_keeps_serving(
+    tmp_path: Path, own_token: SoftHSMToken
+) -> None:
+    """Wrong AAD, unknown and destroyed versions, oversized requests, per-item batch errors:
+    against the real process, each is typed; Health stays SERVING (the fault is the
+    request's, not the token's) and the next good call works."""
+    proc = start_process(tmp_path, own_token)
+
+    async def main() -> None:
+        async with HsmClient.unix(proc.socket) as hsm:
+
+            async def still_serving() -> None:
+                health = await hsm.health()
+                assert health.serving, health
+                assert (await hsm.generate_data_key("r", BINDING)).version >= 1
+
+            await hsm.create_key_version("r", 1)
+            key = await hsm.generate_data_key("r", BINDING)
+            elsewhere = Binding("other-ns", "db-key", {"app": "db"})
+            checks: list[tuple[Awaitable[object], Reason]] = [
+                (hsm.rewrap(key.wrapped, elsewhere), Reason.AAD_MISMATCH),
+                (hsm.generate_data_key("r", BINDING, version=7), Reason.VERSION_NOT_FOUND),
+                (hsm.generate_data_key("nope", BINDING), Reason.NO_PRIMARY_VERSION),
+                (hsm.batch_generate_data_keys([GenerateItem("r", BINDING)] * 1001),
+                 Reason.REQUEST_TOO_LARGE),
+                (hsm.decrypt("kustody:v1:" + "A" * 5_000_000, BINDING,
+                             allow_plaintext_export=True), Reason.REQUEST_TOO_LARGE),
+                (hsm.rewrap("kustody:v1:AAAA", BINDING), Reason.MALFORMED_ENVELOPE),
+            ]  # fmt: skip
+            for call, reason in checks:
+                assert await _reason(call) is reason
+                await still_serving()
+
+            # Destroyed version: v1 disabled and destroyed; v2 is the primary.
+            await hsm.create_key_version("r", 2)
+            old = await hsm.generate_data_key("r", BINDING, version=1)
+            await hsm.set_version_state("r", 1, VersionState.DISABLED)
+            await hsm.destroy_version("r", 1)
+            assert await _reason(hsm.rewrap(old.wrapped, BINDING)) is Reason.VERSION_DESTROYED
+            assert await _reason(hsm.create_key_version("r", 1)) is Reason.VERSION_DESTROYED
+            await still_serving()
+
+            # In a batch, bad items fail alone and good ones succeed.
+            results = await hsm.batch_rewrap(
+                [(old.wrapped, BINDING), (key.wrapped, BINDING), ("junk", BINDING)]
+            )
+            assert isinstance(results[0], HsmError)
+            assert results[0].reason is Reason.VERSION_DESTROYED
+            assert isinstance(results[1], HsmError)  # key was under v1 too
+            assert isinstance(results[2], HsmError)
+            assert results[2].reason is Reason.MALFORMED_ENVELOPE
+            fresh = await hsm.generate_data_key("r", BINDING)
+            mixed = await hsm.batch_rewrap([(fresh.wrapped, BINDING), (fresh.wrapped, elsewhere)])
+            assert not isinstance(mixed[0], HsmError)
+            assert mixed[0].to_version == 2
+            assert isinstance(mixed[1], HsmError)
+            assert mixed[1].reason is Reason.AAD_MISMATCH
+            await still_serving()
+
+    try:
+        run(main())
+        assert proc.process.poll() is None  # alive after all of it
+    finally:
+        log = proc.stop()
+    # Each refusal is logged with its reason (the client maps gRPC's own size limit itself).
+    for reason in ("AAD_MISMATCH", "VERSION_NOT_FOUND", "VERSION_DESTROYED", "MALFORMED_ENVELOPE"):
+        assert reason in log, reason

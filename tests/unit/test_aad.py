@@ -70,3 +70,17 @@ def test_binding_context_is_immutable() -> None:
     binding = Binding("ns", "dk", ctx)
     ctx["a"] = "2"
     assert binding.context["a"] == "1"
+
+
+@given(
+    st.text(min_size=1, max_size=300),
+    st.text(min_size=1, max_size=300),
+    st.dictionaries(st.text(max_size=300), st.text(max_size=1100), max_size=5),
+)
+def test_fast_encoding_matches_the_validating_one(ns: str, name: str, ctx: dict[str, str]) -> None:
+    """Binding caches a fast encoding; it must equal the field-by-field validating encoder."""
+    try:
+        binding = Binding(ns, name, ctx)
+    except InvalidArgument:
+        return
+    assert binding.encode() == binding._encode()

@@ -34,8 +34,28 @@ def _utf8(value: str, what: str, limit: int) -> bytes:
     return raw
 
 
+_U32 = struct.Struct(">I").pack
+
+
 def _lp(raw: bytes) -> bytes:
-    return struct.pack(">I", len(raw)) + raw
+    return _U32(len(raw)) + raw
+
+
+def _fast_encode(namespace: str, name: str, context: Mapping[str, str]) -> bytes | None:
+    """The encoding when every field is valid and within its limit, else None (slow path)."""
+    try:
+        ns, nm = namespace.encode(), name.encode()
+        entries = sorted((k.encode(), v.encode()) for k, v in context.items())
+    except UnicodeEncodeError:
+        return None
+    if len(ns) > MAX_FIELD_BYTES or len(nm) > MAX_FIELD_BYTES:
+        return None
+    parts = [_DATA_KEY_TAG, _U32(len(ns)), ns, _U32(len(nm)), nm, _U32(len(entries))]
+    for k, v in entries:
+        if len(k) > MAX_CONTEXT_KEY_BYTES or len(v) > MAX_CONTEXT_VALUE_BYTES:
+            return None
+        parts += (_U32(len(k)), k, _U32(len(v)), v)
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,8 @@ class Binding:
                 f"the limit is {MAX_CONTEXT_ENTRIES}"
             )
         object.__setattr__(self, "context", MappingProxyType(dict(self.context)))
-        object.__setattr__(self, "_encoded", self._encode())
+        encoded = _fast_encode(self.namespace, self.name, self.context)
+        object.__setattr__(self, "_encoded", self._encode() if encoded is None else encoded)
 
     def encode(self) -> bytes:
         return self._encoded
