@@ -1,0 +1,111 @@
+"""Small helpers for the operator's cluster tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kustody.dev.controlplane import Cluster
+from kustody.hsm.client import Binding, HsmClient
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T | None], timeout: float = 60, what: str = "it") -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except AssertionError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def apply(kube: Cluster, manifest: str) -> None:
+    kube.kubectl("apply", "--server-side", "-f", "-", input=manifest)
+
+
+def get(kube: Cluster, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    args = ["get", kind, name, "-o", "json", "--show-managed-fields"]
+    if namespace:
+        args += ["-n", namespace]
+    result = kube.kubectl(*args, check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or ():
+        if c.get("type") == type_:
+            return dict(c)
+    return {}
+
+
+def ready(obj: Mapping[str, Any] | None) -> bool:
+    return condition(obj, "Ready").get("status") == "True"
+
+
+def secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
+    # Text entries as str; binary ones (a plaintext key) are not compared as text.
+    return {
+        k: base64.b64decode(v).decode(errors="replace")
+        for k, v in (secret.get("data") or {}).items()
+    }
+
+
+def unwrap(socket: Path, secret: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> bytes:
+    """Decrypt a DataKey Secret's wrapped key through the sidecar (as the operator may)."""
+    keys = keys or {"wrapped": "wrapped-key", "context": "encryption-context"}
+    data = secret_data(secret)
+    context = json.loads(data[keys["context"]])
+    binding = Binding(context["namespace"], context["dataKey"], context["encryptionContext"])
+
+    async def call() -> bytes:
+        async with HsmClient.unix(socket) as hsm:
+            return await hsm.decrypt(data[keys["wrapped"]], binding, allow_plaintext_export=True)
+
+    return asyncio.run(call())
+
+
+def keyring(name: str, namespaces: list[str], policy: str | None = None, **spec: Any) -> str:
+    body: dict[str, Any] = {
+        "apiVersion": "kustody.io/v1alpha1",
+        "kind": "KeyRing",
+        "metadata": {"name": name},
+        "spec": {"algorithm": "AES256GCM", "allowedNamespaces": {"names": namespaces}, **spec},
+    }
+    if policy:
+        body["spec"]["rotationPolicyRef"] = {"name": policy}
+    return json.dumps(body)
+
+
+def datakey(name: str, namespace: str, keyring_name: str, **spec: Any) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "kustody.io/v1alpha1",
+            "kind": "DataKey",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"keyRingRef": {"name": keyring_name}, "secretName": f"{name}-dek", **spec},
+        }
+    )
+
+
+def policy(name: str, **spec: Any) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "kustody.io/v1alpha1",
+            "kind": "RotationPolicy",
+            "metadata": {"name": name},
+            "spec": {"rotationPeriod": "2160h", **spec},
+        }
+    )
