@@ -93,3 +93,19 @@ def test_namespace_not_allowed_is_degraded(kube: Cluster, kube_namespace: str) -
     assert status == "Degraded"
     assert message.startswith("NamespaceNotAllowed: ")
     kube.kubectl("delete", "keyring", ring, "--wait=false", check=False)
+
+
+def test_kustomize_example_syncs_healthy_and_without_drift(kube: Cluster, repo: Path) -> None:
+    """What Argo CD / Flux do with examples/kustomize: apply, reach Healthy, stay in sync."""
+    unit = str(repo / "examples" / "kustomize")
+    kube.kubectl("apply", "--server-side", "-k", unit)
+    for kind, name, ns in (
+        ("rotationpolicy", "monthly", None),
+        ("keyring", "orders", None),
+        ("datakey", "orders-db", "orders"),
+    ):
+        obj = eventually(lambda k=kind, n=name, s=ns: (o := get(kube, k, n, s)) and ready(o) and o)
+        assert health(kind, obj)[0] == "Healthy", (kind, obj.get("status"))
+    kube.kubectl("apply", "--server-side", "-k", unit)
+    diff = kube.kubectl("diff", "--server-side", "-k", unit, check=False)
+    assert diff.returncode == 0, diff.stdout
