@@ -28,6 +28,7 @@ from kustody.domain.aad import Binding
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
 from kustody.hsm.client import HsmClient
+from unwrap import run as unwrap_cases  # bench/unwrap.py: workload unwrap over TLS
 
 RESULTS = Path(__file__).parent / "results" / "hsm.json"
 DURATION = float(os.environ.get("KUSTODY_BENCH_SECONDS", "3"))
@@ -298,6 +299,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "cases": cases,
         "notes": NOTES,
+        **unwrap_cases(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

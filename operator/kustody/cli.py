@@ -35,7 +35,12 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     """Subcommands of layers that may pull heavier dependencies are imported lazily."""
     import importlib
 
-    for module in ("kustody.hsm.commands", "kustody.handlers.commands"):
+    for module in (
+        "kustody.hsm.commands",
+        "kustody.unwrap.commands",  # adds the workload service options to `hsm`
+        "kustody.handlers.commands",
+        "kustody.client.commands",
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

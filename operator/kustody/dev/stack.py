@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,12 @@ class Sidecar:
     kms_keyring: str | None = None
     metrics_port: int | None = None
     detach: bool = False
+    # The workload unwrap service (docs/unwrap.md): on when workload_listen is set.
+    workload_listen: str | None = None
+    workload_tls_cert: Path | None = None
+    workload_tls_key: Path | None = None
+    kubeconfig: Path | None = None
+    extra_args: tuple[str, ...] = ()
     proc: ManagedProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,12 +92,21 @@ class Sidecar:
             ]  # fmt: skip
         if self.metrics_port:
             argv += ["--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1"]
+        if self.workload_listen:
+            argv += [
+                "--workload-listen", self.workload_listen,
+                "--workload-tls-cert", str(self.workload_tls_cert),
+                "--workload-tls-key", str(self.workload_tls_key),
+            ]  # fmt: skip
+            if self.kubeconfig:
+                argv += ["--kubeconfig", str(self.kubeconfig)]
+        argv += list(self.extra_args)
         self.proc.start(argv, detach=self.detach, env=_python_env(self.token.env))
         _wait(self.proc, self._serving, timeout, "the HSM sidecar")
         return self
 
     def _serving(self) -> bool:
-        if not self.socket.exists():
+        if not self.socket.exists() or not self._workload_listening():
             return False
         from kustody.hsm.client import HsmClient, HsmError
 
@@ -101,6 +117,16 @@ class Sidecar:
         try:
             return asyncio.run(check())
         except HsmError:
+            return False
+
+    def _workload_listening(self) -> bool:
+        if not self.workload_listen:
+            return True
+        host, _, port = self.workload_listen.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 1):
+                return True
+        except OSError:
             return False
 
     def stop(self) -> None:

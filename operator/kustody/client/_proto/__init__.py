@@ -1,0 +1,1 @@
+"""Code generated from proto/ by `make proto` (grpc_tools.protoc); never edited by hand."""

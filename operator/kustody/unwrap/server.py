@@ -1,0 +1,118 @@
+"""The workload service: a TLS gRPC server in the sidecar process, next to its key service."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from prometheus_client import CollectorRegistry
+
+from kustody.client.errors import Reason
+from kustody.hsm.keyservice import KeyService
+from kustody.kube.api import Kube
+from kustody.kube.errors import KubeError
+from kustody.kube.resources import DATAKEYS
+from kustody.unwrap.datakeys import DataKeyDirectory
+from kustody.unwrap.metrics import UnwrapMetrics
+from kustody.unwrap.ratelimit import RateLimiter
+from kustody.unwrap.refusal import Refusal
+from kustody.unwrap.servicer import UnwrapServicer
+from kustody.unwrap.tokens import TokenReviewer
+
+log = logging.getLogger(__name__)
+
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"  # noqa: S105 (an API path)
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    listen: str  # host:port, TLS only
+    tls_cert: Path
+    tls_key: Path
+    audience: str = "kustody"
+    rate: float = 100.0  # per ServiceAccount, per second
+    burst: float = 200.0
+    review_ttl: float = 300.0  # at most; never past the token's exp
+    negative_ttl: float = 5.0
+    datakey_ttl: float = 5.0
+
+
+class KubeAccess:
+    """TokenReview and DataKey GET through :class:`Kube`; API failures become
+    ``AUTH_UNAVAILABLE`` refusals (retryable: the caller's client backs off)."""
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+
+    async def review(self, token: str, audiences: Sequence[str]) -> Mapping[str, Any]:
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": list(audiences)},
+        }
+        try:
+            result = await self._kube.request("POST", TOKEN_REVIEWS, body=body, kind="TokenReview")
+        except KubeError as exc:
+            raise Refusal(
+                Reason.AUTH_UNAVAILABLE, f"TokenReview failed: {exc.status} {exc.reason}"
+            ) from None
+        status: Mapping[str, Any] = result.get("status") or {}
+        return status
+
+    async def datakey(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        try:
+            return await self._kube.get_or_none(DATAKEYS, name, namespace)
+        except KubeError as exc:
+            raise Refusal(
+                Reason.AUTH_UNAVAILABLE, f"reading DataKeys failed: {exc.status} {exc.reason}"
+            ) from None
+
+
+class WorkloadServer:
+    def __init__(
+        self,
+        config: WorkloadConfig,
+        keys: KeyService,
+        registry: CollectorRegistry,
+        kube: Kube,
+    ) -> None:
+        self.config = config
+        access = KubeAccess(kube)
+        self.reviewer = TokenReviewer(
+            access.review,
+            audience=config.audience,
+            max_ttl=config.review_ttl,
+            negative_ttl=config.negative_ttl,
+        )
+        self.directory = DataKeyDirectory(access.datakey, ttl=config.datakey_ttl)
+        self.limiter = RateLimiter(config.rate, config.burst)
+        self.servicer = UnwrapServicer(
+            keys, self.reviewer, self.directory, self.limiter, UnwrapMetrics(registry)
+        )
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=_OPTIONS)
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        credentials = grpc.ssl_server_credentials(
+            [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+        )
+        self.port = server.add_secure_port(self.config.listen, credentials)
+        await server.start()
+        self._server = server
+        log.info("workload unwrap service listening on %s (TLS)", self.config.listen)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

@@ -1,0 +1,150 @@
+"""``kustody.workload.v1.Unwrap/Unwrap``: authenticate, rate-limit, authorise, decrypt, audit.
+
+The decrypt itself is :meth:`kustody.hsm.keyservice.KeyService.decrypt` (policy-free); the
+policy is here: the token's namespace must be the binding's (AAD) namespace and the
+ServiceAccount must be one of the DataKey's ``spec.consumers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from kustody.client._proto import unwrap_pb2 as pb
+from kustody.client.errors import Reason
+from kustody.domain.aad import Binding
+from kustody.domain.envelope import Envelope
+from kustody.domain.errors import DomainError
+from kustody.hsm.errors import HsmError, from_domain
+from kustody.hsm.keyservice import KeyService
+from kustody.unwrap import audit
+from kustody.unwrap.datakeys import DataKeyDirectory
+from kustody.unwrap.metrics import UnwrapMetrics
+from kustody.unwrap.policy import check_grant, check_namespace
+from kustody.unwrap.ratelimit import RateLimiter
+from kustody.unwrap.refusal import Refusal, abort
+from kustody.unwrap.tokens import Identity, TokenReviewer
+
+log = logging.getLogger(__name__)
+
+SERVICE = "kustody.workload.v1.Unwrap"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_BEARER = "bearer "
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            if value[: len(_BEARER)].lower() == _BEARER and value[len(_BEARER) :].strip():
+                return value[len(_BEARER) :].strip()
+            break
+    raise Refusal(
+        Reason.TOKEN_MISSING, "no 'authorization: Bearer <ServiceAccount token>' metadata"
+    )
+
+
+def parse_request(request: pb.UnwrapRequest) -> tuple[Envelope, Binding]:
+    if not _DNS_LABEL.match(request.namespace):
+        raise Refusal(Reason.INVALID_ARGUMENT, "namespace is not a valid namespace name")
+    if not _DNS_SUBDOMAIN.match(request.data_key):
+        raise Refusal(Reason.INVALID_ARGUMENT, "data_key is not a valid DataKey name")
+    try:
+        envelope = Envelope.from_text(request.wrapped)
+        binding = Binding(request.namespace, request.data_key, dict(request.encryption_context))
+    except DomainError as exc:
+        raise Refusal.from_hsm(from_domain(exc)) from None
+    if request.key_ring and request.key_ring != envelope.key.key_ring:
+        raise Refusal(
+            Reason.INVALID_ARGUMENT,
+            f"key_ring {request.key_ring!r} is not the envelope's KeyRing",
+        )
+    return envelope, binding
+
+
+class UnwrapServicer:
+    def __init__(
+        self,
+        keys: KeyService,
+        reviewer: TokenReviewer,
+        directory: DataKeyDirectory,
+        limiter: RateLimiter,
+        metrics: UnwrapMetrics,
+    ) -> None:
+        self._keys = keys
+        self._reviewer = reviewer
+        self._directory = directory
+        self._limiter = limiter
+        self._metrics = metrics
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Unwrap": grpc.unary_unary_rpc_method_handler(
+                    self.Unwrap,
+                    request_deserializer=pb.UnwrapRequest.FromString,
+                    response_serializer=pb.UnwrapResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def Unwrap(
+        self, request: pb.UnwrapRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnwrapResponse:
+        start = time.perf_counter()
+        identity: Identity | None = None
+        key_ring, version = request.key_ring, 0
+        outcome = "ok"
+        try:
+            identity = await self._reviewer.authenticate(
+                bearer_token(context.invocation_metadata())
+            )
+            if not self._limiter.allow(identity.key):
+                raise Refusal(
+                    Reason.RATE_LIMITED,
+                    f"more than {self._limiter.rate:g}/s (burst {self._limiter.burst:g}) "
+                    f"for {identity.key}; retry with backoff",
+                )
+            envelope, binding = parse_request(request)
+            key_ring, version = envelope.key.key_ring, envelope.key.version
+            check_namespace(identity, request.namespace)
+            grant = await self._directory.grant(identity.namespace, request.data_key)
+            check_grant(identity, request.data_key, key_ring, grant)
+            try:
+                plaintext = await self._keys.decrypt(envelope, binding)
+            except HsmError as exc:
+                raise Refusal.from_hsm(exc) from None
+            return pb.UnwrapResponse(plaintext=plaintext, version=version)
+        except Refusal as refusal:
+            outcome = refusal.reason
+            await abort(context, refusal)
+        except Exception:
+            outcome = str(Reason.UNKNOWN)
+            log.exception("unwrap failed unexpectedly")
+            await abort(context, Refusal("INTERNAL", "unwrap failed; see the sidecar log"))
+        finally:
+            seconds = time.perf_counter() - start
+            namespace = identity.namespace if identity else ""
+            self._metrics.observe(namespace, outcome, seconds)
+            audit.emit(
+                audit.AuditRecord(
+                    namespace=namespace,
+                    service_account=identity.service_account if identity else "",
+                    pod=identity.pod if identity else "",
+                    request_namespace=request.namespace,
+                    data_key=request.data_key,
+                    key_ring=key_ring,
+                    version=version,
+                    outcome="ok" if outcome == "ok" else "refused",
+                    reason="" if outcome == "ok" else outcome,
+                    latency_ms=round(seconds * 1000, 3),
+                    peer=context.peer() or "",
+                )
+            )

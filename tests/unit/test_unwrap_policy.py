@@ -1,0 +1,69 @@
+"""Authorisation rules (kustody.unwrap.policy) and DataKey grants (kustody.unwrap.datakeys)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from kustody.unwrap.datakeys import DataKeyDirectory, DataKeyGrant, grant_from
+from kustody.unwrap.policy import check_grant, check_namespace
+from kustody.unwrap.refusal import Refusal
+from kustody.unwrap.tokens import Identity
+
+ME = Identity("shop", "api")
+
+
+def reason(fn: Any, *args: Any) -> str:
+    with pytest.raises(Refusal) as err:
+        fn(*args)
+    return str(err.value.reason)
+
+
+def test_namespace_must_be_the_tokens() -> None:
+    check_namespace(ME, "shop")
+    assert reason(check_namespace, ME, "bank") == "NAMESPACE_MISMATCH"
+
+
+def test_consumers_keyring_and_existence() -> None:
+    check_grant(ME, "orders", "payments", DataKeyGrant("payments", frozenset({"api"})))
+    assert reason(check_grant, ME, "orders", "payments", None) == "DATAKEY_NOT_FOUND"
+    other_ring = DataKeyGrant("other", frozenset({"api"}))
+    assert reason(check_grant, ME, "orders", "payments", other_ring) == "KEYRING_MISMATCH"
+    nobody = DataKeyGrant("payments", frozenset())
+    assert reason(check_grant, ME, "orders", "payments", nobody) == "NOT_A_CONSUMER"
+
+
+def test_omitted_consumers_mean_nobody() -> None:
+    assert grant_from({"spec": {"keyRingRef": {"name": "p"}}}) == DataKeyGrant("p", frozenset())
+    assert grant_from({"spec": {"keyRingRef": {"name": "p"}, "consumers": ["a"]}}).consumers == {
+        "a"
+    }
+
+
+def test_directory_caches_found_and_missing_datakeys() -> None:
+    now = [0.0]
+    calls: list[tuple[str, str]] = []
+    objects: dict[tuple[str, str], Mapping[str, Any]] = {
+        ("shop", "orders"): {"spec": {"keyRingRef": {"name": "p"}, "consumers": ["api"]}}
+    }
+
+    async def fetch(ns: str, name: str) -> Mapping[str, Any] | None:
+        calls.append((ns, name))
+        return objects.get((ns, name))
+
+    directory = DataKeyDirectory(fetch, ttl=5, negative_ttl=2, clock=lambda: now[0])
+
+    async def run() -> None:
+        results = await asyncio.gather(*(directory.grant("shop", "orders") for _ in range(5)))
+        assert all(r is not None and "api" in r.consumers for r in results)
+        assert calls == [("shop", "orders")]
+        del objects[("shop", "orders")]  # deleted: still cached for up to ttl
+        now[0] += 4
+        assert await directory.grant("shop", "orders") is not None
+        now[0] += 2
+        assert await directory.grant("shop", "orders") is None
+        assert len(calls) == 2
+
+    asyncio.run(run())
