@@ -263,7 +263,12 @@ def test_remote_mode_has_no_token_and_no_sidecar(kube: Cluster) -> None:
 
 
 def test_kms_and_unwrap_options(kube: Cluster) -> None:
-    docs = _render(kube, "--set", "kms.enabled=true", "--set", "unwrap.enabled=true")
+    docs = _render(
+        kube,
+        "--set", "kms.enabled=true",
+        "--set", "unwrap.enabled=true",
+        "--set", "unwrap.tlsSecret=unwrap-tls",
+    )  # fmt: skip
     spec = _pod_spec(docs)
     hsm = spec["containers"][1]
     assert "--kms-socket=/run/kustody-kms/kms.sock" in hsm["args"]
@@ -271,6 +276,8 @@ def test_kms_and_unwrap_options(kube: Cluster) -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["kms-socket"]["hostPath"]["path"] == "/var/run/kustody-kms"
     assert {"name": "unwrap", "containerPort": 8443, "protocol": "TCP"} in hsm["ports"]
+    assert "--workload-listen=0.0.0.0:8443" in hsm["args"]
+    assert volumes["unwrap-tls"]["secret"]["secretName"] == "unwrap-tls"
     unwrap = _one(docs, "Service", "kustody-unwrap")
     assert unwrap["spec"]["ports"][0]["targetPort"] == "unwrap"
     rules = _one(docs, "ClusterRole")["rules"]
@@ -365,7 +372,7 @@ def _get(kube: Cluster, *args: str) -> dict[str, Any]:
     return data
 
 
-def test_install_upgrade_uninstall(kube: Cluster) -> None:
+def test_install_upgrade_uninstall(kube: Cluster, kustody_crds: Path) -> None:
     ns, release = f"kustody-{secrets.token_hex(3)}", f"kc{secrets.token_hex(3)}"
     full = f"{release}-kustody"
     kube.kubectl("create", "namespace", ns)

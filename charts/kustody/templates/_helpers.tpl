@@ -78,6 +78,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.kms.enabled -}}{{ fail "kms.enabled needs a local sidecar: use hsm.mode softhsm or pkcs11, or run the KMS plugin next to the remote HSM" }}{{- end -}}
 {{- if .Values.unwrap.enabled -}}{{ fail "unwrap.enabled needs a local sidecar: use hsm.mode softhsm or pkcs11" }}{{- end -}}
 {{- end -}}
+{{- if and .Values.unwrap.enabled (not .Values.unwrap.tlsSecret) -}}
+{{ fail "unwrap.enabled needs unwrap.tlsSecret (the unwrap service is TLS only)" }}
+{{- end -}}
 {{- if and (eq .Values.hsm.mode "softhsm") .Values.hsm.softhsm.persistence.enabled (gt (int .Values.replicaCount) 1) (has "ReadWriteOnce" .Values.hsm.softhsm.persistence.accessModes) -}}
 {{ fail "a SoftHSM2 token on a ReadWriteOnce claim cannot be shared: keep replicaCount at 1" }}
 {{- end -}}
