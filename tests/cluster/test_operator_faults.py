@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from kustody.dev.controlplane import Cluster, ControlPlane
+from kustody.dev.pki import create_pki
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
 from kustody.testing.plugin import crds_dir
@@ -160,3 +161,61 @@ def test_two_replicas_only_the_lease_holder_acts(plane: Cluster, sidecar: Sideca
     finally:
         first.stop()
         second.stop()
+
+
+def test_operator_uses_a_remote_sidecar_over_mtls(
+    plane: Cluster, token: SoftHSMToken, tmp_path: Path
+) -> None:
+    """The on-premises mode: the sidecar next to the HSM, the operator reaching it by mTLS."""
+    pki = create_pki(tmp_path / "pki")  # a CA, a 127.0.0.1 serving cert and a client cert
+    port = _free_port()
+    remote = Sidecar(
+        tmp_path / "remote",
+        token,
+        extra_args=(
+            "--listen", f"127.0.0.1:{port}",
+            "--tls-cert", str(pki.serving_cert),
+            "--tls-key", str(pki.serving_key),
+            "--tls-client-ca", str(pki.ca_cert),
+        ),
+    ).start()  # fmt: skip
+    op = Operator(
+        tmp_path / "op",
+        plane,
+        tmp_path / "no-such.sock",  # must not be used in remote mode
+        name="op-remote",
+        identity="op-remote",
+        extra_args=(
+            "--hsm-endpoint", f"127.0.0.1:{port}",
+            "--hsm-tls-cert", str(pki.admin_cert),
+            "--hsm-tls-key", str(pki.admin_key),
+            "--hsm-tls-ca", str(pki.ca_cert),
+            "--hsm-server-name", "localhost",
+        ),
+    ).start()  # fmt: skip
+    try:
+        op.wait_active()
+        apply(plane, keyring("remote", ["apps"]))
+        apply(plane, datakey("far", "apps", "remote"))
+        eventually(lambda: ready(get(plane, "datakey", "far", "apps")), 60, "far Ready")
+        kr = get(plane, "keyring", "remote") or {}
+        assert condition(kr, "HSMReachable")["status"] == "True"
+    finally:
+        op.stop()
+        remote.stop()
+        plane.kubectl("delete", "datakey", "far", "-n", "apps", "--wait=false")
+
+
+def test_remote_mode_without_client_certificate_is_a_clear_error(plane: Cluster) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kustody", "operator", "--kubeconfig", str(plane.kubeconfig),
+         "--hsm-endpoint", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "needs mutual TLS" in result.stderr
+    assert "--hsm-tls-cert" in result.stderr
+    assert "Traceback" not in result.stderr

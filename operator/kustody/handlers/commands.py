@@ -14,7 +14,7 @@ from typing import Any
 from kustody.domain.specs import RESTORE_ANNOTATION, ROTATE_ANNOTATION
 from kustody.domain.timestamps import parse_time
 from kustody.errors import UserError
-from kustody.handlers.operator import OperatorConfig, run
+from kustody.handlers.operator import OperatorConfig, RemoteHsm, run
 from kustody.kube.api import Kube, load_api_client
 from kustody.kube.errors import KubeError, NotFound
 from kustody.kube.resources import DATAKEYS, KEYRINGS
@@ -26,7 +26,25 @@ def _operator(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    remote = None
+    if args.hsm_endpoint:
+        missing = [f for f in ("hsm_tls_cert", "hsm_tls_key", "hsm_tls_ca") if not getattr(args, f)]
+        if missing:
+            flags = ", ".join("--" + f.replace("_", "-") for f in missing)
+            raise UserError(f"--hsm-endpoint needs mutual TLS: also give {flags}")
+        unreadable = [
+            str(p)
+            for p in (args.hsm_tls_cert, args.hsm_tls_key, args.hsm_tls_ca)
+            if not p.is_file()
+        ]
+        if unreadable:
+            raise UserError(f"TLS file(s) not found: {', '.join(unreadable)}")
+        remote = RemoteHsm(
+            args.hsm_endpoint, args.hsm_tls_cert, args.hsm_tls_key, args.hsm_tls_ca,
+            args.hsm_server_name,
+        )  # fmt: skip
     config = OperatorConfig(
+        remote=remote,
         hsm_socket=args.hsm_socket,
         kubeconfig=args.kubeconfig,
         namespace=args.namespace,
@@ -189,6 +207,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=Path(os.environ.get("KUSTODY_HSM_SOCKET", "/run/kustody/hsm.sock")),
         help="unix socket of the HSM sidecar (default: %(default)s)",
     )
+    op.add_argument(
+        "--hsm-endpoint",
+        help="HOST:PORT of a remote kustody hsm (on-premises key service) over mTLS; "
+        "replaces --hsm-socket",
+    )
+    op.add_argument("--hsm-tls-cert", type=Path, help="client certificate for --hsm-endpoint")
+    op.add_argument("--hsm-tls-key", type=Path, help="client key for --hsm-endpoint")
+    op.add_argument("--hsm-tls-ca", type=Path, help="CA that signed the remote's certificate")
+    op.add_argument("--hsm-server-name", help="expected name in the remote's certificate")
     op.add_argument(
         "--namespace",
         default=os.environ.get("POD_NAMESPACE", "kustody-system"),

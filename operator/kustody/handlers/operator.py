@@ -30,8 +30,30 @@ log = logging.getLogger("kustody.operator")
 
 
 @dataclass(frozen=True)
+class RemoteHsm:
+    """A remote ``kustody hsm`` (on-premises key service) reached over mTLS."""
+
+    endpoint: str
+    cert: Path
+    key: Path
+    ca: Path
+    server_name: str | None = None
+
+    def client(self, timeout: float) -> HsmClient:
+        return HsmClient.tcp(
+            self.endpoint,
+            ca=self.ca.read_bytes(),
+            cert=self.cert.read_bytes(),
+            key=self.key.read_bytes(),
+            server_name=self.server_name,
+            timeout=timeout,
+        )
+
+
+@dataclass(frozen=True)
 class OperatorConfig:
     hsm_socket: Path
+    remote: RemoteHsm | None = None
     kubeconfig: str | None = None
     namespace: str = "kustody-system"
     lease_name: str = "kustody-operator"
@@ -173,7 +195,11 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
     )
     identity = config.identity or f"{socket.gethostname()}-{os.getpid()}"
     elector = LeaderElector(kube, config.namespace, config.lease_name, identity)
-    hsm = HsmClient.unix(config.hsm_socket, timeout=config.hsm_timeout)
+    hsm = (
+        config.remote.client(config.hsm_timeout)
+        if config.remote is not None
+        else HsmClient.unix(config.hsm_socket, timeout=config.hsm_timeout)
+    )
     rt = Runtime(kube, hsm, EventRecorder(kube), metrics)
     metrics.watch_objects(rt.keyrings, rt.datakeys, rt.clock)
     server = (
