@@ -78,7 +78,7 @@ bench-hsm: install ## HSM sidecar benchmark -> bench/results/hsm.json
 	$(BIN)/python bench/hsm.py
 
 bench-operator: install binaries ## operator scale benchmark -> bench/results/operator.json
-	$(BIN)/python bench/operator.py
+	$(BIN)/python bench/operator_scale.py
 
 clean: dev-down ## remove the venv and generated code (keeps the binary cache)
 	rm -rf $(VENV) operator/kustody/hsm/_proto/*_pb2*.py* $(PROTO_STAMP)
