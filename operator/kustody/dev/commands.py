@@ -72,6 +72,12 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kustody.dev import demo
+
+    return demo.run(args.state_dir, args.examples, hold=not args.no_wait)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = sub.add_parser("dev", help="the local control plane (etcd, kube-apiserver, ...)")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
@@ -99,3 +105,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     with_state_dir(dev_sub.add_parser("status", help="show what is running")).set_defaults(
         func=_status
     )
+
+    demo = with_state_dir(
+        sub.add_parser("demo", help="run Kustody on the local control plane + SoftHSM2")
+    )
+    demo.add_argument(
+        "--examples",
+        type=Path,
+        default=Path(__file__).resolve().parents[3] / "examples",
+        help="manifests to apply (default: %(default)s)",
+    )
+    demo.add_argument("--no-wait", action="store_true", help="exit once everything is Ready")
+    demo.set_defaults(func=_demo)
