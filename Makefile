@@ -81,4 +81,4 @@ bench-operator: install binaries ## operator scale benchmark -> bench/results/op
 	$(BIN)/python bench/operator_scale.py
 
 clean: dev-down ## remove the venv and generated code (keeps the binary cache)
-	rm -rf $(VENV) operator/kustody/hsm/_proto/*_pb2*.py* $(PROTO_STAMP)
+	rm -rf $(VENV) operator/kustody/*/_proto/*_pb2*.py* $(PROTO_STAMP)

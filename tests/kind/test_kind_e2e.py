@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,17 +95,72 @@ def _ready(cluster: Any, *args: str) -> bool:
     )
 
 
+def _unwrap_tls(directory: Path) -> dict[str, Path]:
+    """A CA and a serving certificate for kustody-unwrap.kustody-system.svc."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kustody-unwrap-ca")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    names = ["kustody-unwrap", "kustody-unwrap.kustody-system", "kustody-unwrap.kustody-system.svc"]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    paths = {
+        "ca": directory / "ca.crt",
+        "cert": directory / "tls.crt",
+        "key": directory / "tls.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["cert"].write_bytes(cert.public_bytes(pem))
+    paths["key"].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
 def test_install_apply_examples_and_unwrap(cluster: Any) -> None:
     repo, tag = IMAGE.rsplit(":", 1)
     cluster.kubectl("create", "namespace", "kustody-system")
     cluster.kubectl(
         "label", "namespace", "kustody-system", "pod-security.kubernetes.io/enforce=restricted"
     )
+    # The unwrap service's TLS: a CA and a certificate for its Service name; the CA is
+    # published where examples/workload/workload.yaml expects it (in a real cluster
+    # cert-manager and trust-manager would do this).
+    tls = _unwrap_tls(Path(tempfile.mkdtemp()))
+    cluster.kubectl(
+        "-n", "kustody-system", "create", "secret", "tls", "kustody-unwrap-tls",
+        f"--cert={tls['cert']}", f"--key={tls['key']}",
+    )  # fmt: skip
     _helm(
         cluster, "install", "kustody", str(ROOT / "charts" / "kustody"),
         "--namespace", "kustody-system",
         "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
-        "--set", "image.pullPolicy=Never", "--wait", "--timeout", "5m",
+        "--set", "image.pullPolicy=Never",
+        "--set", "unwrap.enabled=true", "--set", "unwrap.tlsSecret=kustody-unwrap-tls",
+        "--wait", "--timeout", "5m",
     )  # fmt: skip
     cluster.kubectl("-n", "kustody-system", "rollout", "status", "deploy/kustody", "--timeout=300s")
     for name in ("rotationpolicy.yaml", "keyring.yaml", "datakeys.yaml"):
@@ -123,7 +179,14 @@ def test_install_apply_examples_and_unwrap(cluster: Any) -> None:
         pytest.skip(
             "examples/workload/workload.yaml (workload unwrap, docs/unwrap.md) is not there yet"
         )
-    cluster.kubectl("apply", "--server-side", "-n", "payments", "-f", str(workload))
+    cluster.kubectl(
+        "-n", "payments", "create", "configmap", "kustody-unwrap-ca",
+        f"--from-file=ca.crt={tls['ca']}",
+    )  # fmt: skip
+    manifest = workload.read_text().replace("ghcr.io/kustody/kustody:0.1.0", IMAGE)
+    applied = Path(tempfile.mkdtemp()) / "workload.yaml"
+    applied.write_text(manifest)
+    cluster.kubectl("apply", "--server-side", "-n", "payments", "-f", str(applied))
     _eventually(
         lambda: (
             "1"

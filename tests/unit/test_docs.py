@@ -18,7 +18,6 @@ DOCS = sorted(
 )
 
 # Written by the workload-unwrap work (issue 5) in parallel; linked already.
-PENDING = {"unwrap.md"}
 
 
 def _tool(name: str) -> ModuleType:
@@ -73,8 +72,6 @@ def test_relative_links_resolve(doc: Path) -> None:
     text = re.sub(r"`[^`\n]*`", "", doc.read_text())  # code spans hold regexes, not links
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if re.match(r"[a-z]+:", target):
-            continue
-        if Path(target).name in PENDING and not (doc.parent / target).exists():
             continue
         assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
 
