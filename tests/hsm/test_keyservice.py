@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
+import pkcs11
 import pytest
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.domain.aad import Binding
@@ -18,9 +23,18 @@ from .conftest import run
 BINDING = Binding("team-a", "db-key", {"app": "db", "tier": "prod"})
 
 
-def _key_objects(connection: HsmConnection, ref: KeyVersionRef) -> list[dict[str, object]]:
-    def find(store: object) -> list[dict[str, object]]:
-        session = store._token.session  # type: ignore[attr-defined]
+_lib: list[Any] = []
+
+
+def _key_objects(token: SoftHSMToken, ref: KeyVersionRef) -> list[dict[str, object]]:
+    """The token's objects for ``ref``, read by this (test) process in its own session.
+
+    The sidecar's worker process owns the token; reading from a second process is fine.
+    """
+    if not _lib:
+        _lib.append(pkcs11.lib(str(token.module)))
+    session = _lib[0].get_token(token_label=token.label).open(user_pin=token.pin_file.read_text())
+    try:
         return [
             {
                 "extractable": obj[Attribute.EXTRACTABLE],
@@ -33,8 +47,8 @@ def _key_objects(connection: HsmConnection, ref: KeyVersionRef) -> list[dict[str
                 {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: ref.object_id}
             )
         ]
-
-    return connection.run_here(find)
+    finally:
+        session.close()
 
 
 def _expect(reason: Reason, coro: object) -> HsmError:
@@ -45,14 +59,14 @@ def _expect(reason: Reason, coro: object) -> HsmError:
 
 
 def test_create_is_idempotent_and_key_is_locked_down(
-    key_service: KeyService, connection: HsmConnection, ring: str
+    key_service: KeyService, hsm_token: SoftHSMToken, ring: str
 ) -> None:
     first = run(key_service.create_key_version(ring, 1))
     again = run(key_service.create_key_version(ring, 1))
     assert first == again
     assert first.state is VersionState.ENABLED
     assert len(first.fingerprint) == 6
-    objects = _key_objects(connection, KeyVersionRef(ring, 1))
+    objects = _key_objects(hsm_token, KeyVersionRef(ring, 1))
     assert objects == [
         {
             "extractable": False,
@@ -65,13 +79,13 @@ def test_create_is_idempotent_and_key_is_locked_down(
 
 
 def test_create_after_restart_finds_existing_object(
-    key_service: KeyService, connection: HsmConnection, ring: str
+    key_service: KeyService, connection: HsmConnection, hsm_token: SoftHSMToken, ring: str
 ) -> None:
     created = run(key_service.create_key_version(ring, 1))
     # Forget the cache as a crash would: a fresh scan must find the same object.
-    connection.run_here(lambda s: s.scan())
+    run(connection.rescan())
     assert run(key_service.create_key_version(ring, 1)) == created
-    assert len(_key_objects(connection, KeyVersionRef(ring, 1))) == 1
+    assert len(_key_objects(hsm_token, KeyVersionRef(ring, 1))) == 1
 
 
 def test_generate_and_decrypt_round_trip(key_service: KeyService, ring: str) -> None:
@@ -149,7 +163,7 @@ def test_primary_is_highest_enabled_and_rewrap_moves_versions(
 
 
 def test_disabled_version_refuses_and_destroy_needs_disabled(
-    key_service: KeyService, connection: HsmConnection, ring: str
+    key_service: KeyService, connection: HsmConnection, hsm_token: SoftHSMToken, ring: str
 ) -> None:
     run(key_service.create_key_version(ring, 1))
     generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING)))
@@ -160,7 +174,7 @@ def test_disabled_version_refuses_and_destroy_needs_disabled(
         Reason.NO_PRIMARY_VERSION, key_service.generate_data_key(GenerateRequest(ring, BINDING))
     )
     # The disabled state is on the token: a rescan (restart) still sees it.
-    connection.run_here(lambda s: s.scan())
+    run(connection.rescan())
     _expect(Reason.VERSION_DISABLED, key_service.decrypt(generated.envelope, BINDING))
     run(key_service.set_version_state(ring, 1, VersionState.ENABLED))
     assert run(key_service.decrypt(generated.envelope, BINDING))
@@ -168,8 +182,8 @@ def test_disabled_version_refuses_and_destroy_needs_disabled(
     destroyed = run(key_service.destroy_version(ring, 1))
     assert destroyed.state is VersionState.DESTROYED
     assert run(key_service.destroy_version(ring, 1)) == destroyed
-    assert _key_objects(connection, KeyVersionRef(ring, 1)) == []
-    connection.run_here(lambda s: s.scan())
+    assert _key_objects(hsm_token, KeyVersionRef(ring, 1)) == []
+    run(connection.rescan())
     _expect(Reason.VERSION_DESTROYED, key_service.decrypt(generated.envelope, BINDING))
     _expect(Reason.VERSION_DESTROYED, key_service.create_key_version(ring, 1))
     _expect(Reason.VERSION_DESTROYED, key_service.set_version_state(ring, 1, VersionState.ENABLED))
@@ -214,10 +228,18 @@ def test_batch_reports_per_item_errors(key_service: KeyService, ring: str) -> No
     assert results[2].reason is Reason.VERSION_NOT_FOUND
 
 
-def test_pkcs11_calls_only_on_the_pkcs11_thread(connection: HsmConnection) -> None:
+def test_pkcs11_runs_only_in_the_worker_process(
+    connection: HsmConnection, hsm_token: SoftHSMToken
+) -> None:
+    """The token session lives in the worker process; this process is not its PKCS#11 thread."""
+    pid = connection.worker_pid
+    assert pid is not None
+    assert pid != os.getpid()
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert str(hsm_token.module.resolve()) in maps or hsm_token.module.name in maps
     assert not thread.on_thread()
     with pytest.raises(RuntimeError, match="PKCS#11 thread"):
-        connection._store.scan()  # type: ignore[union-attr]
+        thread.assert_on_thread()
 
 
 def test_token_fixture_keeps_pin_out_of_repr(hsm_token: SoftHSMToken) -> None:

@@ -30,6 +30,7 @@ class Reason(enum.StrEnum):
     PIN_INCORRECT = "PIN_INCORRECT"
     PIN_FILE_UNREADABLE = "PIN_FILE_UNREADABLE"
     TOKEN_LOST = "TOKEN_LOST"  # noqa: S105 (a reason, not a secret)
+    WORKER_LOST = "WORKER_LOST"  # the PKCS#11 worker process died; it is being restarted
     INTERNAL = "INTERNAL"
 
 

@@ -64,17 +64,11 @@ class KmsServicer(pb_grpc.KeyManagementServiceServicer):
 
     async def Encrypt(self, request: pb.EncryptRequest, context: Context) -> pb.EncryptResponse:
         async def work() -> pb.EncryptResponse:
-            chosen: list[str] = []
-
-            def binding_for(info: VersionInfo) -> KmsBinding:
-                chosen.append(key_id(info))
-                return KmsBinding(chosen[-1])
-
-            envelope = await self._service.seal(
-                self.key_ring, self.version, request.plaintext, binding_for
+            envelope, info = await self._service.seal_kms(
+                self.key_ring, self.version, request.plaintext
             )
-            self._last_key_id = chosen[-1]
-            return pb.EncryptResponse(ciphertext=envelope.to_bytes(), key_id=chosen[-1])
+            self._last_key_id = key_id(info)
+            return pb.EncryptResponse(ciphertext=envelope.to_bytes(), key_id=self._last_key_id)
 
         return await observed(self._metrics, "kms.Encrypt", context, work)
 
