@@ -219,3 +219,18 @@ def test_remote_mode_without_client_certificate_is_a_clear_error(plane: Cluster)
     assert "needs mutual TLS" in result.stderr
     assert "--hsm-tls-cert" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_stops_cleanly_and_releases_the_lease(plane: Cluster, sidecar: Sidecar) -> None:
+    """A pod termination: exit 0, the Lease given up so a standby takes over at once."""
+    op = _operator(plane, sidecar, "op-term").start()
+    op.wait_active()
+    assert op.proc.popen is not None
+    op.proc.popen.terminate()
+    assert op.proc.popen.wait(timeout=30) == 0
+    holder = plane.kubectl(
+        "-n", "kustody-system", "get", "lease", "kustody-operator",
+        "-o", "jsonpath={.spec.holderIdentity}",
+    ).stdout  # fmt: skip
+    assert holder == ""
+    assert "ERROR" not in op.log()

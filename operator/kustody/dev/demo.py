@@ -38,6 +38,16 @@ def _ready_count(cluster: Cluster, kind: str) -> tuple[int, int]:
     return ready, len(items)
 
 
+def _counted(cluster: Cluster) -> int:
+    """DataKeys the KeyRings' status counts (it trails the DataKeys by a moment)."""
+    out = cluster.kubectl("get", "keyrings", "-o", "json", check=False).stdout or '{"items": []}'
+    return sum(
+        int(v.get("dataKeys", 0))
+        for kr in json.loads(out)["items"]
+        for v in (kr.get("status") or {}).get("versions") or ()
+    )
+
+
 def run(state_dir: Path, examples: Path, hold: bool = True) -> int:
     started = time.monotonic()
     binaries = build()
@@ -72,7 +82,7 @@ def run(state_dir: Path, examples: Path, hold: bool = True) -> int:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             kr, dk = _ready_count(cluster, "keyrings"), _ready_count(cluster, "datakeys")
-            if kr[0] == kr[1] and dk[0] == dk[1] and dk[1] > 0:
+            if kr[0] == kr[1] and dk[0] == dk[1] and dk[1] > 0 and _counted(cluster) == dk[1]:
                 break
             time.sleep(0.5)
         print(f"\nKustody is running ({time.monotonic() - started:.0f}s). What it made:\n")

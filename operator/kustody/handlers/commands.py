@@ -8,6 +8,7 @@ import datetime as dt
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ def _operator(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    # "OS signals are ignored: running not in the main thread": by design (see below).
+    logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
     remote = None
     if args.hsm_endpoint:
         missing = [f for f in ("hsm_tls_cert", "hsm_tls_key", "hsm_tls_ca") if not getattr(args, f)]
@@ -56,14 +59,46 @@ def _operator(args: argparse.Namespace) -> int:
         resync_seconds=args.resync,
     )
 
-    async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await run(config, stop)
+    return _run_with_signals(config)
 
-    return asyncio.run(main())
+
+def _run_with_signals(config: OperatorConfig) -> int:
+    """Run the operator's event loop in a worker thread; signals stay with the main thread.
+
+    Kopf replaces SIGINT/SIGTERM handlers when it runs in the main thread and then exits
+    on its own; owning the signals here makes a SIGTERM a clean, ordered stop (exit 0)
+    that releases the Lease, instead of an unexplained "kopf exited".
+    """
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    def worker() -> None:
+        async def main() -> int:
+            box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            started.set()
+            return await run(config, box["stop"])
+
+        try:
+            box["rc"] = asyncio.run(main())
+        except BaseException as exc:  # re-raised in the main thread
+            box["error"] = exc
+        finally:
+            started.set()
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        if "loop" in box:
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+
+    thread = threading.Thread(target=worker, name="operator-loop", daemon=True)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    thread.start()
+    started.wait()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return int(box.get("rc", 1))
 
 
 def _kube(args: argparse.Namespace) -> Kube:
