@@ -1,0 +1,186 @@
+"""The PKCS#11 worker process: it alone holds the token, dies with the sidecar, and a crash of it
+is reported, fails in-flight requests fast and typed, and is repaired by a restart.
+
+These run the real `kustody hsm` process (its worker is its child) on a token of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.domain.aad import Binding
+from kustody.hsm.client import GenerateItem, HsmClient
+from kustody.hsm.errors import HsmError, Reason
+
+from .conftest import SidecarProcess, run, start_process
+
+BINDING = Binding("shop", "db-key", {"app": "db"})
+
+
+@pytest.fixture
+def own_token(tmp_path: Path) -> SoftHSMToken:
+    return create_token(tmp_path / "token", "worker-test")
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter (R, S, Z, ...), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _worker_of(proc: SidecarProcess, within: float = 15) -> int:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for child in _children(proc.process.pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"kustody.hsm.worker" in cmdline and _alive(child):
+                return child
+        time.sleep(0.05)
+    raise AssertionError(f"no worker process under {proc.process.pid}:\n{proc.log.read_text()}")
+
+
+def _wait_gone(pid: int, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} is still {_state(pid)}")
+        time.sleep(0.05)
+
+
+def test_only_the_worker_loads_the_module_and_it_gets_the_pin_path_not_the_pin(
+    tmp_path: Path, own_token: SoftHSMToken
+) -> None:
+    proc = start_process(tmp_path, own_token)
+    try:
+        worker = _worker_of(proc)
+        module = own_token.module.name
+        assert module in Path(f"/proc/{worker}/maps").read_text()
+        assert module not in Path(f"/proc/{proc.process.pid}/maps").read_text()
+        pin = own_token.pin_file.read_text().strip().encode()
+        cmdline = Path(f"/proc/{worker}/cmdline").read_bytes()
+        assert b"--pin-file" in cmdline
+        assert pin not in cmdline
+        assert pin not in Path(f"/proc/{worker}/environ").read_bytes()
+    finally:
+        proc.stop()
+
+
+def test_worker_crash_is_reported_fails_fast_and_is_repaired(
+    tmp_path: Path, own_token: SoftHSMToken
+) -> None:
+    proc = start_process(tmp_path, own_token)
+
+    async def main() -> tuple[int, int]:
+        async with HsmClient.unix(proc.socket) as hsm:
+            await hsm.create_key_version("r", 1)
+            before = await hsm.generate_data_key("r", BINDING)
+            worker = _worker_of(proc)
+
+            # Keep the worker busy with batches in flight, then kill it under them.
+            items = [GenerateItem("r", BINDING)] * 1000
+            batches = [asyncio.create_task(hsm.batch_generate_data_keys(items)) for _ in range(30)]
+            await asyncio.sleep(0.15)
+            os.kill(worker, signal.SIGKILL)
+            started = time.monotonic()
+            done, pending = await asyncio.wait(batches, timeout=10)
+            assert not pending, "in-flight requests hung after the worker died"
+            assert time.monotonic() - started < 10
+            failures = [t.exception() for t in done if t.exception() is not None]
+            assert failures, "no request was in flight when the worker died"
+            for failure in failures:
+                assert isinstance(failure, HsmError)
+                assert failure.reason is Reason.TOKEN_UNAVAILABLE, failure
+                assert "worker" in failure.message
+
+            # Health says why (until the new worker is logged in), then serves again.
+            health = await hsm.health()
+            if not health.serving:
+                assert health.reason in {"WORKER_LOST", "TOKEN_UNAVAILABLE"}, health
+            deadline = time.monotonic() + 20
+            while not (health := await hsm.health()).serving:
+                assert time.monotonic() < deadline, health
+                await asyncio.sleep(0.1)
+            replacement = _worker_of(proc)
+            assert replacement != worker
+            assert await hsm.rewrap(before.wrapped, BINDING)
+            assert (await hsm.describe_key("r")).versions[0].ref.version == 1
+            return worker, replacement
+
+    try:
+        killed, replacement = run(main())
+    finally:
+        log = proc.stop()
+    assert f"worker process {killed} died (killed by SIGKILL)" in log
+    _wait_gone(replacement)  # stopping the sidecar stopped its worker
+    assert _state(killed) is None  # reaped by the sidecar, not left a zombie
+
+
+def test_health_names_the_dead_worker(tmp_path: Path, own_token: SoftHSMToken) -> None:
+    proc = start_process(tmp_path, own_token)
+
+    async def main() -> None:
+        async with HsmClient.unix(proc.socket) as hsm:
+            assert (await hsm.health()).serving
+            worker = _worker_of(proc)
+            proc.process.send_signal(signal.SIGSTOP)  # hold the sidecar so the restart waits
+            try:
+                os.kill(worker, signal.SIGKILL)
+                _wait_gone(worker)
+            finally:
+                proc.process.send_signal(signal.SIGCONT)
+            health = await hsm.health()
+            assert not health.serving
+            assert health.reason == "WORKER_LOST"
+            assert "SIGKILL" in health.message
+            with pytest.raises(HsmError) as info:
+                await hsm.generate_data_key("r", BINDING)
+            assert info.value.reason is Reason.TOKEN_UNAVAILABLE
+
+    try:
+        run(main())
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_no_orphan_worker_after_the_sidecar_exits(
+    tmp_path: Path, own_token: SoftHSMToken, sig: signal.Signals
+) -> None:
+    proc = start_process(tmp_path, own_token)
+    try:
+        worker = _worker_of(proc)
+        proc.process.send_signal(sig)
+        proc.process.wait(timeout=15)
+        _wait_gone(worker)
+    finally:
+        proc.stop()
