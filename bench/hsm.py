@@ -1,6 +1,6 @@
 """HSM sidecar benchmark (``make bench-hsm``) -> bench/results/hsm.json.
 
-(a) raw: in-process python-pkcs11, AES-256-GCM seal of a 32-byte DEK (token RNG nonce + DEK)
+(a) raw: python-pkcs11 in this process, AES-256-GCM seal of a 32-byte DEK (token RNG nonce + DEK)
     under a token KEK, and unseal + seal for rewrap — the ceilings (see raw_rates);
 (b) unary GenerateDataKey and Decrypt over the unix socket at concurrency 1, 16, 64;
 (c) BatchGenerateDataKey and BatchReWrap (keys/s);
@@ -278,10 +278,18 @@ NOTES = [
     "raw['seal_session_key'] is the earlier baseline (a session key): SoftHSM2 uses session "
     "keys about twice as fast as token keys, so it overstated the ceiling for token KEKs.",
     "Batch cases pre-build requests and call the raw stubs; items that fail abort the bench.",
+    "Since the worker-process change the sidecar is two processes: the gRPC front end (event "
+    "loop) and the PKCS#11 worker (python -m kustody.hsm.worker, the only process that loads "
+    "the module), joined by a socketpair. Batches overlap across requests (c>1): the worker "
+    "seals batch n while the front end decodes/encodes batches n-1 and n+1. At c=1 the two "
+    "still take turns within a batch (one round trip per batch).",
+    "load_avg is os.getloadavg() (1, 5, 15 min) before and after the run; this 2-core machine "
+    "is shared with other test suites, so compare runs with similar load.",
 ]
 
 
 def main() -> int:
+    load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="kustody-bench-") as tmp:
         token = create_token(Path(tmp) / "token", "bench")
         raw = raw_rates(token)
@@ -299,6 +307,10 @@ def main() -> int:
         "cases": cases,
         "notes": NOTES,
         **unwrap_cases(),
+    }
+    result["load_avg"] = {
+        "before": load_before,
+        "after": [round(x, 2) for x in os.getloadavg()],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
