@@ -174,13 +174,18 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
         return 30.0
 
     if deleting:
-        return await _finish_deletion(p, spec)
+        wait = await _finish_deletion(p, spec)
+        return 1.0 if wait is not None and plan.actions else wait
 
     decision = decide(p.now, parse_time(p.status.get("lastRotationAt")), policy, None, None)
     refs = await _references(rt, name, fresh=False)
     _summarise(p, spec, policy, policy_problem, refs, decision.next_at)
     await p.save()
 
+    if plan.actions:
+        # The plan was made before these steps: the next one (e.g. scheduling the destruction
+        # of a version just disabled) may be due now. Look again rather than at the resync.
+        return 1.0
     due = [t for t in (plan.next_due, decision.next_at) if t is not None]
     wait = min([(t - p.now).total_seconds() for t in due] + [RESYNC_SECONDS])
     return max(1.0, wait)
