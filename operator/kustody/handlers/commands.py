@@ -16,6 +16,7 @@ from kustody.domain.specs import RESTORE_ANNOTATION, ROTATE_ANNOTATION
 from kustody.domain.timestamps import parse_time
 from kustody.errors import UserError
 from kustody.handlers.operator import OperatorConfig, RemoteHsm, run
+from kustody.handlers.runtime import datakey_keyring
 from kustody.kube.api import Kube, load_api_client
 from kustody.kube.errors import KubeError, NotFound
 from kustody.kube.resources import DATAKEYS, KEYRINGS
@@ -108,44 +109,38 @@ def _kube(args: argparse.Namespace) -> Kube:
         raise UserError(f"cannot load Kubernetes credentials: {exc}") from None
 
 
-def _rotate(args: argparse.Namespace) -> int:
+def _now_stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _annotate_keyring(args: argparse.Namespace, key: str, value: str, what: str) -> None:
+    """Set one annotation on a KeyRing: how the CLI asks the operator for an action."""
     kube = _kube(args)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     async def annotate() -> None:
-        patch = {"metadata": {"annotations": {ROTATE_ANNOTATION: stamp}}}
-        await kube.patch(KEYRINGS, args.keyring, patch)
+        await kube.patch(KEYRINGS, args.keyring, {"metadata": {"annotations": {key: value}}})
 
     try:
         asyncio.run(annotate())
     except NotFound:
         raise UserError(f"KeyRing {args.keyring} does not exist") from None
     except KubeError as exc:
-        raise UserError(f"could not request rotation of {args.keyring}: {exc}") from None
+        raise UserError(f"could not request {what} of {args.keyring}: {exc}") from None
     finally:
         kube.close()
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    stamp = _now_stamp()
+    _annotate_keyring(args, ROTATE_ANNOTATION, stamp, "rotation")
     print(f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})")
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
-    kube = _kube(args)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    value = f"{','.join(str(v) for v in sorted(set(args.versions)))}@{stamp}"
-
-    async def annotate() -> None:
-        patch = {"metadata": {"annotations": {RESTORE_ANNOTATION: value}}}
-        await kube.patch(KEYRINGS, args.keyring, patch)
-
-    try:
-        asyncio.run(annotate())
-    except NotFound:
-        raise UserError(f"KeyRing {args.keyring} does not exist") from None
-    except KubeError as exc:
-        raise UserError(f"could not request the restore: {exc}") from None
-    finally:
-        kube.close()
-    print(f"restore of {args.keyring} version(s) {value.split('@')[0]} requested")
+    versions = ",".join(str(v) for v in sorted(set(args.versions)))
+    _annotate_keyring(args, RESTORE_ANNOTATION, f"{versions}@{_now_stamp()}", "a restore")
+    print(f"restore of {args.keyring} version(s) {versions} requested")
     return 0
 
 
@@ -194,11 +189,7 @@ def render_status(
                 f"  ! destroying v{impact['version']} would make {impact['dataKeys']} DataKey(s) "
                 f"and {impact['secrets']} Secret(s) unreadable"
             )
-        mine = [
-            d
-            for d in datakeys
-            if ((d.get("spec") or {}).get("keyRingRef") or {}).get("name") == name
-        ]
+        mine = [d for d in datakeys if datakey_keyring(d) == name]
         not_ready = [d for d in mine if _ready(d.get("status") or {}).get("status") != "True"]
         lines.append(f"  DataKeys: {len(mine)}, not Ready: {len(not_ready)}")
         for d in not_ready[:10]:

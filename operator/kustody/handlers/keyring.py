@@ -32,7 +32,7 @@ from kustody.domain.specs import (
     parse_restore_request,
 )
 from kustody.domain.timestamps import format_time, parse_time
-from kustody.handlers.runtime import Runtime, matters_to_datakeys
+from kustody.handlers.runtime import Runtime, datakey_keyring, matters_to_datakeys
 from kustody.hsm.client import HsmError, VersionState
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
 
@@ -311,11 +311,7 @@ async def _references(rt: Runtime, keyring: str, *, fresh: bool) -> References:
     datakeys: Sequence[Mapping[str, Any]]
     secrets: Sequence[Mapping[str, Any]]
     if fresh:
-        datakeys = [
-            d
-            for d in await rt.kube.list(DATAKEYS)
-            if ((d.get("spec") or {}).get("keyRingRef") or {}).get("name") == keyring
-        ]
+        datakeys = [d for d in await rt.kube.list(DATAKEYS) if datakey_keyring(d) == keyring]
         secrets = await rt.kube.list(
             SECRETS, label_selector=f"{MANAGED_BY}={MANAGER},{LABEL_KEYRING}={keyring}"
         )

@@ -23,7 +23,8 @@ QueueKey = tuple[str, str, str]  # (kind, namespace or "", name)
 KEYRING, DATAKEY, POLICY = "KeyRing", "DataKey", "RotationPolicy"
 
 
-def _datakey_keyring(obj: Obj) -> str | None:
+def datakey_keyring(obj: Obj) -> str | None:
+    """The KeyRing a DataKey names."""
     ref = (obj.get("spec") or {}).get("keyRingRef") or {}
     name = ref.get("name")
     return str(name) if name else None
@@ -37,7 +38,8 @@ def _secret_keyring(obj: Obj) -> str | None:
     return str(name) if name else None
 
 
-def _policy_of(obj: Obj) -> str | None:
+def keyring_policy(obj: Obj) -> str | None:
+    """The RotationPolicy a KeyRing names."""
     ref = (obj.get("spec") or {}).get("rotationPolicyRef") or {}
     name = ref.get("name")
     return str(name) if name else None
@@ -75,8 +77,8 @@ class Runtime:
     events: EventRecorder
     metrics: OperatorMetrics
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
-    keyrings: Store = field(default_factory=lambda: Store(_policy_of))
-    datakeys: Store = field(default_factory=lambda: Store(_datakey_keyring))
+    keyrings: Store = field(default_factory=lambda: Store(keyring_policy))
+    datakeys: Store = field(default_factory=lambda: Store(datakey_keyring))
     policies: Store = field(default_factory=Store)
     secrets: Store = field(default_factory=lambda: Store(_secret_keyring))
     namespaces: Store = field(default_factory=Store)

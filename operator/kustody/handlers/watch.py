@@ -12,7 +12,15 @@ from typing import Any
 import kopf
 
 from kustody.domain.secret import LABEL_DATAKEY, MANAGED_BY, MANAGER
-from kustody.handlers.runtime import DATAKEY, KEYRING, POLICY, Runtime, matters_to_datakeys
+from kustody.handlers.runtime import (
+    DATAKEY,
+    KEYRING,
+    POLICY,
+    Runtime,
+    datakey_keyring,
+    keyring_policy,
+    matters_to_datakeys,
+)
 from kustody.handlers.store import Obj, Store, key_of
 from kustody.kube.resources import GROUP, VERSION
 
@@ -38,7 +46,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         rt.enqueue(KEYRING, None, name)
         if matters_to_datakeys(old, obj) or event.get("type") == "DELETED":
             rt.enqueue_datakeys_of(name)
-        if policy := ((obj.get("spec") or {}).get("rotationPolicyRef") or {}).get("name"):
+        if policy := keyring_policy(obj):
             rt.enqueue(POLICY, None, policy, delay=1.0)
 
     @kopf.on.event(GROUP, VERSION, "datakeys", registry=registry)
@@ -48,7 +56,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             return
         meta = obj["metadata"]
         rt.enqueue(DATAKEY, meta.get("namespace"), meta["name"])
-        if keyring := ((obj.get("spec") or {}).get("keyRingRef") or {}).get("name"):
+        if keyring := datakey_keyring(obj):
             rt.enqueue(KEYRING, None, keyring, delay=1.0)
 
     @kopf.on.event(GROUP, VERSION, "rotationpolicies", registry=registry)
