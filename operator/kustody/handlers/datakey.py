@@ -11,7 +11,6 @@ A rerun after a crash finds the status and finishes steps 2 and 3; it never gene
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,8 +25,6 @@ from kustody.hsm.client import Binding, GenerateItem, HsmError
 from kustody.kube import workloads
 from kustody.kube.errors import Conflict, NotFound
 from kustody.kube.resources import DATAKEYS, SECRETS
-
-log = logging.getLogger(__name__)
 
 
 class _NotReady(Exception):

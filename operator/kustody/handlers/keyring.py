@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -36,7 +35,6 @@ from kustody.handlers.runtime import Runtime, datakey_keyring, matters_to_datake
 from kustody.hsm.client import HsmError, VersionState
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
 
-log = logging.getLogger(__name__)
 
 FINALIZER = "kustody.io/keyring-protection"
 RESYNC_SECONDS = 300.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from kustody.kube.api import JSON_PATCH, Kube
-from kustody.kube.errors import NotFound
 from kustody.kube.resources import WORKLOADS
 
 # One annotation per DataKey (DataKey names are at most 63 characters, a valid name part).
@@ -21,7 +20,7 @@ async def restart(
 
     Idempotent: a workload whose template already carries this generation is left alone, so
     a retry or a crash-restart never causes a second rollout. Returns whether it patched.
-    Raises NotFound if the workload does not exist.
+    Raises ``kustody.kube.errors.NotFound`` if the workload does not exist.
     """
     res = WORKLOADS[kind]
     live = await kube.get(res, name, namespace)
@@ -51,6 +50,3 @@ async def restart(
     )
     await kube.patch(res, name, ops, namespace, content_type=JSON_PATCH)
     return True
-
-
-__all__ = ["ANNOTATION_PREFIX", "NotFound", "restart", "restart_annotation"]
