@@ -35,7 +35,6 @@ from kustody.handlers.runtime import Runtime, datakey_keyring, matters_to_datake
 from kustody.hsm.client import HsmError, VersionState
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
 
-
 FINALIZER = "kustody.io/keyring-protection"
 RESYNC_SECONDS = 300.0
 _TOKEN_STATE = {
