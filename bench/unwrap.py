@@ -4,20 +4,37 @@ A real kube-apiserver (the local control plane) for TokenReview and the DataKey 
 real `kustody hsm` process with the workload service on TLS, a real projected-style token
 from the TokenRequest API. The cache holds the TokenReview and the DataKey after the warm-up,
 so this measures the steady state of a pod unwrapping repeatedly: p50/p99/ops at
-concurrency 16. The client shares the 2 cores with the sidecar (pre-built request, raw stub).
+concurrency 16.
+
+The client shares the 2 cores with the sidecar, so it has to be lean or it measures itself:
+a Python grpc.aio client over TLS costs about as much CPU per call as the server. The
+headline numbers (``unwrap_*``) therefore come from a small Go load generator
+(``bench/unwrapload``, its own Go module, built into the cache on first use; it sends the
+pre-serialised request, checks every plaintext). The Python client (pre-built request, raw
+stubs) is run too and reported under ``unwrap_python_client``, with what each client and the
+sidecar's two processes used of the CPU. Without Go, only the Python client runs.
+
+``KUSTODY_BENCH_UNWRAP_CLIENT`` = ``go``, ``python`` or ``both`` (default);
+``KUSTODY_BENCH_PYSPY=DIR`` records a py-spy profile (collapsed stacks) of the sidecar's front
+end during each load into DIR.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +54,73 @@ from kustody.domain.aad import Binding
 from kustody.hsm.client import HsmClient
 
 CONCURRENCY = 16
+CONNECTIONS = int(os.environ.get("KUSTODY_BENCH_UNWRAP_CONNS", "4"))  # the callers share these
 DURATION = float(os.environ.get("KUSTODY_BENCH_SECONDS", "3"))
 REPO = Path(__file__).resolve().parents[1]
 NS, SA, DK, RING = "bench", "app", "orders", "bench-unwrap"
+LOADGEN = Path(__file__).resolve().parent / "unwrapload"
+CLIENT = os.environ.get("KUSTODY_BENCH_UNWRAP_CLIENT", "both")
+PYSPY_DIR = os.environ.get("KUSTODY_BENCH_PYSPY")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def build_loadgen() -> Path | None:
+    """The Go load generator, built once per source version into the cache; None without Go."""
+    go = shutil.which("go")
+    if go is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(LOADGEN.iterdir()):
+        if path.suffix in (".go", ".mod", ".sum"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kustody" / "bench"
+    binary = cache / f"unwrapload-{digest.hexdigest()[:16]}"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"building {binary} (once; cached afterwards)", file=sys.stderr)
+        subprocess.run([go, "build", "-o", str(binary), "."], cwd=LOADGEN, check=True)
+    return binary
+
+
+@contextlib.contextmanager
+def _profiled(pid: int, name: str) -> Iterator[None]:
+    """py-spy (collapsed stacks) on ``pid`` while the block runs, when KUSTODY_BENCH_PYSPY."""
+    if not PYSPY_DIR:
+        yield
+        return
+    out = Path(PYSPY_DIR) / f"{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pyspy = Path(sys.executable).parent / "py-spy"
+    rate = os.environ.get("KUSTODY_BENCH_PYSPY_RATE", "200")
+    command = [str(pyspy), "record", "--pid", str(pid), "--format", "raw", "--rate", rate,
+               "--nonblocking", "--output", str(out)]  # fmt: skip
+    if os.environ.get("KUSTODY_BENCH_PYSPY_GIL"):
+        command.append("--gil")  # only the thread that holds the GIL
+    if os.environ.get("KUSTODY_BENCH_PYSPY_NATIVE"):
+        command[command.index("--nonblocking")] = "--native"  # (needs to pause the process)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        process.wait(timeout=30)
 
 
 def _free_port() -> int:
@@ -105,9 +186,12 @@ async def _load(
     return len(latencies) / (time.perf_counter() - start), latencies, failures
 
 
-async def _bench(endpoint: str, ca: bytes, request: pb.UnwrapRequest, token: str) -> dict[str, Any]:
+async def _python_bench(
+    endpoint: str, ca: bytes, request: pb.UnwrapRequest, token: str, pids: list[int]
+) -> dict[str, Any]:
     channels = [
-        grpc.aio.secure_channel(endpoint, grpc.ssl_channel_credentials(ca)) for _ in range(4)
+        grpc.aio.secure_channel(endpoint, grpc.ssl_channel_credentials(ca))
+        for _ in range(CONNECTIONS)
     ]
     stubs = [
         c.unary_unary(
@@ -120,17 +204,85 @@ async def _bench(endpoint: str, ca: bytes, request: pb.UnwrapRequest, token: str
     metadata = (("authorization", f"Bearer {token}"),)
     for stub in stubs:  # warm-up: TLS handshakes, TokenReview and DataKey cached
         await stub(request, metadata=metadata, timeout=10)
-    rate, latencies, failures = await _load(stubs, request, metadata)
+    cpu0, server0, wall0 = time.process_time(), [_cpu_seconds(p) for p in pids], time.time()
+    with _profiled(pids[0], "unwrap-frontend-python-client"):
+        rate, latencies, failures = await _load(stubs, request, metadata)
+    wall = time.time() - wall0
+    client_cpu = time.process_time() - cpu0
+    server = [_cpu_seconds(p) - s for p, s in zip(pids, server0, strict=True)]
     for c in channels:
         await c.close()
     ordered = sorted(latencies)
     return {
-        "unwrap_p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
-        "unwrap_p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
-        "unwrap_ops_s": round(rate, 1),
-        "unwrap_concurrency": CONCURRENCY,
-        "unwrap_failures": failures,
+        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+        "ops_s": round(rate, 1),
+        "failures": failures,
+        "client_cpu_cores": round(client_cpu / wall, 2),
+        **_sidecar_cpu(server, wall),
     }
+
+
+def _sidecar_cpu(seconds: list[float], wall: float) -> dict[str, Any]:
+    return {
+        "sidecar_front_end_cpu_cores": round(seconds[0] / wall, 2),
+        "sidecar_worker_cpu_cores": round(sum(seconds[1:]) / wall, 2),
+    }
+
+
+def _go_bench(
+    binary: Path, endpoint: str, ca: Path, request: pb.UnwrapRequest, token: str,
+    plaintext: bytes, pids: list[int], directory: Path,
+) -> dict[str, Any]:  # fmt: skip
+    files = {"request": request.SerializeToString(), "token": token.encode(), "expect": plaintext}
+    directory.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    command = [
+        str(binary), "-addr", endpoint, "-ca", str(ca), "-server-name", "localhost",
+        "-c", str(CONCURRENCY), "-conns", str(CONNECTIONS),
+        "-duration", f"{DURATION}s", "-warmup", "0.5s",
+        "-watch-pids", ",".join(str(p) for p in pids),
+        *(a for name in files for a in (f"-{name}", str(directory / name))),
+    ]  # fmt: skip
+    with _profiled(pids[0], "unwrap-frontend-go-client"):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=DURATION + 60)
+    if done.returncode != 0:
+        raise SystemExit(f"the unwrap load generator failed: {done.stderr.strip()}")
+    out = json.loads(done.stdout)
+    wall = out["seconds"]
+    server = [out["watched_cpu_seconds"].get(str(p), 0.0) for p in pids]
+    if out["failures"]:
+        print(f"unwrap: {out['failures']} calls failed: {out['first_error']}", file=sys.stderr)
+    return {
+        "p50_ms": out["p50_ms"],
+        "p90_ms": out["p90_ms"],
+        "p99_ms": out["p99_ms"],
+        "p999_ms": out["p999_ms"],
+        "max_ms": out["max_ms"],
+        "ops_s": round(out["ops_s"], 1),
+        "failures": out["failures"],
+        "client_cpu_cores": round(out["client_cpu_seconds"] / wall, 2),
+        **_sidecar_cpu(server, wall),
+    }
+
+
+def _headline(case: dict[str, Any], client: str) -> dict[str, Any]:
+    return {
+        "unwrap_p50_ms": case["p50_ms"],
+        "unwrap_p99_ms": case["p99_ms"],
+        "unwrap_ops_s": case["ops_s"],
+        "unwrap_failures": case["failures"],
+        "unwrap_client": client,
+        "unwrap_tail_ms": {k: case[k] for k in ("p90_ms", "p999_ms", "max_ms") if k in case},
+        "unwrap_cpu_cores": {k: v for k, v in case.items() if k.endswith("_cpu_cores")},
+    }
+
+
+async def plaintext_of(sidecar: Sidecar, wrapped: str, binding: Binding) -> bytes:
+    """The expected plaintext, through the operator socket (the load generator checks it)."""
+    async with HsmClient.unix(sidecar.socket) as hsm:
+        return await hsm.decrypt(wrapped, binding, allow_plaintext_export=True)
 
 
 def run() -> dict[str, Any]:
@@ -189,9 +341,26 @@ def run() -> dict[str, Any]:
                 data_key=DK,
                 encryption_context=dict(binding.context),
             )
-            return asyncio.run(
-                _bench(sidecar.workload_listen or "", ca.read_bytes(), request, sa_token)
-            )
+            endpoint = sidecar.workload_listen or ""
+            front_end = sidecar.proc.pid()
+            if front_end is None:
+                raise SystemExit("the sidecar is not running")
+            pids = [front_end, *_children(front_end)]  # the front end, then its PKCS#11 worker
+            loadgen = build_loadgen() if CLIENT in ("go", "both") else None
+            result: dict[str, Any] = {"unwrap_concurrency": CONCURRENCY}
+            if loadgen is not None:
+                plaintext = asyncio.run(plaintext_of(sidecar, wrapped, binding))
+                go = _go_bench(
+                    loadgen, endpoint, ca, request, sa_token, plaintext, pids, base / "loadgen"
+                )  # fmt: skip
+                result.update(_headline(go, "go"))
+            if CLIENT in ("python", "both") or loadgen is None:
+                py = asyncio.run(_python_bench(endpoint, ca.read_bytes(), request, sa_token, pids))
+                if loadgen is None:
+                    result.update(_headline(py, "python"))
+                else:
+                    result["unwrap_python_client"] = py
+            return result
         finally:
             if sidecar is not None:
                 sidecar.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ from kustody.domain.keyversion import KeyVersionRef, VersionState
 from kustody.hsm import thread
 from kustody.hsm.connection import HsmConnection
 from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.keyservice import GenerateRequest, KeyService, RewrapRequest
+from kustody.hsm.keyservice import (
+    CHUNK_ITEMS,
+    GeneratedKey,
+    GenerateRequest,
+    KeyService,
+    RewrapRequest,
+)
 from pkcs11 import Attribute, ObjectClass
 
 from .conftest import run
@@ -244,3 +251,110 @@ def test_pkcs11_runs_only_in_the_worker_process(
 
 def test_token_fixture_keeps_pin_out_of_repr(hsm_token: SoftHSMToken) -> None:
     assert hsm_token.pin_file.read_text() not in repr(hsm_token)
+
+
+def test_large_batches_go_in_chunks_and_keep_order_and_per_item_errors(
+    key_service: KeyService, ring: str
+) -> None:
+    """A batch larger than a chunk is sent to the worker in several requests; the caller still
+    gets one result per item, in order, with each item's own error."""
+    run(key_service.create_key_version(ring, 1))
+    count = 3 * CHUNK_ITEMS + 5
+    bad = {0, CHUNK_ITEMS - 1, CHUNK_ITEMS, 2 * CHUNK_ITEMS + 3, count - 1}
+    requests = [
+        GenerateRequest(
+            ring,
+            Binding("team-a", f"key-{i}"),
+            length=4 if i in bad else 16 + i % 3,
+            include_plaintext=True,
+        )
+        for i in range(count)
+    ]
+    generated = run(key_service.generate_data_keys(requests))
+    assert len(generated) == count
+    for i, result in enumerate(generated):
+        if i in bad:
+            assert isinstance(result, HsmError)
+            assert result.reason is Reason.INVALID_ARGUMENT
+        else:
+            assert isinstance(result, GeneratedKey)
+            assert result.plaintext is not None
+            assert len(result.plaintext) == 16 + i % 3
+    keys = [r for r in generated if isinstance(r, GeneratedKey)]
+    assert len({k.envelope.nonce for k in keys}) == len(keys)
+
+    run(key_service.create_key_version(ring, 2))
+    rewraps = [
+        RewrapRequest(k.envelope, Binding("team-a", "other" if i % 40 == 7 else f"key-{j}"))
+        for i, (j, k) in enumerate(
+            (j, r) for j, r in enumerate(generated) if isinstance(r, GeneratedKey)
+        )
+    ]
+    rewrapped = run(key_service.rewrap_many(rewraps))
+    assert len(rewrapped) == len(rewraps)
+    for i, (request, envelope) in enumerate(zip(rewraps, rewrapped, strict=True)):
+        if i % 40 == 7:
+            assert isinstance(envelope, HsmError)
+            assert envelope.reason is Reason.AAD_MISMATCH
+            continue
+        assert isinstance(envelope, Envelope)
+        assert envelope.key.version == 2
+        plaintext = run(key_service.decrypt(envelope, request.binding))
+        original = keys[i].plaintext
+        assert plaintext == original
+
+
+def test_concurrent_decrypts_are_coalesced_but_answered_one_by_one(
+    key_service: KeyService, ring: str
+) -> None:
+    """Decrypts made together share one worker request; each caller gets its own plaintext or
+    its own error, and a caller that gives up does not disturb the others."""
+    run(key_service.create_key_version(ring, 1))
+    run(key_service.create_key_version(ring, 2))
+    keys = run(
+        key_service.generate_data_keys(
+            [
+                GenerateRequest(ring, BINDING, version=1 + i % 2, include_plaintext=True)
+                for i in range(40)
+            ]
+        )
+    )
+    assert all(isinstance(k, GeneratedKey) for k in keys)
+    wrong = Binding("team-b", "db-key")
+
+    async def all_at_once() -> list[bytes | BaseException]:
+        calls = [
+            key_service.decrypt(k.envelope, wrong if i % 5 == 3 else BINDING)  # type: ignore[union-attr]
+            for i, k in enumerate(keys)
+        ]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0)  # every task has queued its decrypt; none is sent yet
+        tasks[10].cancel()  # a caller that goes away
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    answers = run(all_at_once())
+    for i, (key, answer) in enumerate(zip(keys, answers, strict=True)):
+        assert isinstance(key, GeneratedKey)
+        if i == 10:
+            assert isinstance(answer, asyncio.CancelledError)
+        elif i % 5 == 3:
+            assert isinstance(answer, HsmError)
+            assert answer.reason is Reason.AAD_MISMATCH
+        else:
+            assert answer == key.plaintext
+
+    run(key_service.set_version_state(ring, 2, VersionState.DISABLED))
+
+    async def after_disable() -> list[bytes | BaseException]:
+        return await asyncio.gather(
+            *(key_service.decrypt(k.envelope, BINDING) for k in keys[:4]),  # type: ignore[union-attr]
+            return_exceptions=True,
+        )
+
+    answers = run(after_disable())
+    assert answers[0] == keys[0].plaintext  # type: ignore[union-attr]
+    assert isinstance(answers[1], HsmError)
+    assert answers[1].reason is Reason.VERSION_DISABLED
+    assert answers[2] == keys[2].plaintext  # type: ignore[union-attr]
+    assert isinstance(answers[3], HsmError)
+    assert answers[3].reason is Reason.VERSION_DISABLED

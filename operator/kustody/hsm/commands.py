@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kustody.errors import UserError
 from kustody.hsm.pin import PIN_FILE_ENV, pin_file_from
-from kustody.hsm.server import Sidecar, SidecarConfig, TlsConfig
+from kustody.hsm.server import Sidecar, SidecarConfig, TlsConfig, settle_heap
 from kustody.hsm.token import TokenConfig
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -116,10 +116,15 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        sidecar = Sidecar(config)
         try:
-            await Sidecar(config).run(stop)
+            await sidecar.start()
+            settle_heap()
+            await stop.wait()
         except OSError as exc:
             raise UserError(f"the HSM sidecar could not start: {exc}") from None
+        finally:
+            await sidecar.stop()
 
     asyncio.run(main())
     return 0

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
 from kustody.hsm import wire
@@ -42,6 +42,19 @@ _MAX_BACKOFF = 10.0
 _FIRST_BACKOFF = 0.1
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the backoff
 _RECV_BYTES = 1 << 18
+
+
+class Waiter(Protocol):
+    """Who waits for one answer of the worker: an asyncio.Future, or anything that behaves
+    like one for these four calls (e.g. a batch that hands each item to its own future)."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,8 @@ class _Worker:
         self.sock = sock
         self.loop = loop
         self.started = time.monotonic()
-        self.pending: dict[int, asyncio.Future[Any]] = {}
+        # request id -> who waits for the answer, and its watchdog timer
+        self.pending: dict[int, tuple[Waiter, asyncio.TimerHandle]] = {}
         self.dead = False
         self._fd = sock.fileno()
         self._rbuf = bytearray()
@@ -106,9 +120,10 @@ class _Worker:
         if not old.is_closed():
             old.remove_reader(self._fd)
             old.remove_writer(self._fd)
-        for future in self.pending.values():  # their loop is gone or no longer ours
+        for waiter, timer in self.pending.values():  # their loop is gone or no longer ours
+            timer.cancel()
             with contextlib.suppress(RuntimeError):
-                future.cancel()
+                waiter.cancel()
         self.pending.clear()
         self.loop = loop
         loop.add_reader(self._fd, self._readable)
@@ -176,10 +191,11 @@ class _Worker:
 
     def fail_pending(self, error: HsmError) -> None:
         pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
+        for waiter, timer in pending.values():
+            timer.cancel()
+            if not waiter.done():
                 with contextlib.suppress(RuntimeError):
-                    future.set_exception(error)
+                    waiter.set_exception(HsmError(error.reason, error.message))
 
     def reap(self, timeout: float) -> int | None:
         try:
@@ -225,17 +241,24 @@ class HsmConnection:
     async def request(self, op: wire.Op, args: Any) -> Any:
         """Run the named operation in the worker; its result, or the HsmError it raised."""
         loop = asyncio.get_running_loop()
-        worker = self._worker_for(loop)
         future: asyncio.Future[Any] = loop.create_future()
+        self.submit(op, args, future)
+        return await future
+
+    def submit(self, op: wire.Op, args: Any, waiter: Waiter) -> None:
+        """Send the named operation to the worker now, without waiting: ``waiter`` gets its
+        result or the HsmError it raised (``set_result``/``set_exception``, unless it is
+        ``done()`` by then, e.g. cancelled). Raises HsmError when there is no worker.
+
+        Several requests may be submitted before awaiting any (a batch sent in chunks, so the
+        worker seals chunk 1 while this process decodes chunk 2); each is answered on its own.
+        """
+        loop = asyncio.get_running_loop()
+        worker = self._worker_for(loop)
         request_id = next(self._ids) & 0xFFFFFFFF
-        worker.pending[request_id] = future
-        worker.send(wire.frame(request_id, op, args))
         timer = loop.call_later(self.op_timeout, self._overdue, worker, request_id)
-        try:
-            return await future
-        finally:
-            timer.cancel()
-            worker.pending.pop(request_id, None)
+        worker.pending[request_id] = (waiter, timer)
+        worker.send(wire.frame(request_id, op, args))
 
     async def rescan(self) -> None:
         """Drop cached key handles and rescan the token, as a restart would."""
@@ -302,13 +325,17 @@ class HsmConnection:
             self.health = Health(serving, _reason(reason) if reason else None, text)
         if snapshot is not None:
             self.snapshot = tuple(info_from_wire(i) for i in snapshot)
-        future = worker.pending.pop(request_id, None)
-        if future is None or future.done():
+        entry = worker.pending.pop(request_id, None)
+        if entry is None:
+            return
+        waiter, timer = entry
+        timer.cancel()
+        if waiter.done():
             return
         if status == wire.STATUS_OK:
-            future.set_result(result)
+            waiter.set_result(result)
         else:
-            future.set_exception(HsmError(_reason(result[0]), result[1]))
+            waiter.set_exception(HsmError(_reason(result[0]), result[1]))
 
     def _overdue(self, worker: _Worker, request_id: int) -> None:
         if worker.dead or request_id not in worker.pending:

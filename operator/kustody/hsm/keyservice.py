@@ -1,9 +1,17 @@
 """Envelope operations on top of the token, independent of any transport or caller policy.
 
-Each method is one named operation in the PKCS#11 worker process (:mod:`kustody.hsm.worker`),
-one round trip per call, batches included. Only what the operation needs crosses the pipe:
-KeyRing, version, nonce, ciphertext, the encoded binding (AAD) and plaintext only where the API
-returns or takes it.
+Each method is a named operation in the PKCS#11 worker process (:mod:`kustody.hsm.worker`).
+Only what the operation needs crosses the pipe: KeyRing, version, nonce, ciphertext, the
+encoded binding (AAD) and plaintext only where the API returns or takes it.
+
+Two things keep the two processes busy at once rather than taking turns:
+
+* a batch is sent in chunks of :data:`CHUNK_ITEMS` as soon as each chunk is built, and its
+  results are handed back chunk by chunk (:meth:`KeyService.generate_data_key_chunks`,
+  :meth:`KeyService.rewrap_chunks`): the worker seals chunk *k* while the caller decodes chunk
+  *k+1* or encodes chunk *k-1*; it is still one call (one gRPC request) for the caller;
+* concurrent :meth:`KeyService.decrypt` calls made in the same event-loop iteration are
+  coalesced into one worker request (one frame each way instead of one per call).
 
 The operator's gRPC servicer, the KMS v2 plugin and (later) an authenticated workload service
 all use this class; each applies its own policy (who may see plaintext) before calling it.
@@ -11,8 +19,11 @@ all use this class; each applies its own policy (who may see plaintext) before c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, TypeVar
 
 from kustody.domain.aad import Binding, KmsBinding, associated_data
 from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, Envelope
@@ -26,6 +37,14 @@ DEFAULT_DEK_BYTES = 32
 MIN_DEK_BYTES = 16
 MAX_DEK_BYTES = 512
 MAX_BATCH_ITEMS = 1000
+# Items per worker request when a batch is sent in chunks: small enough that the worker starts
+# early and the last chunk's answer comes soon after the worker is done, large enough that the
+# per-request cost (a frame each way, one RNG call) stays small.
+CHUNK_ITEMS = 32
+# Decrypt requests at the worker at once; more decrypts wait and then go together.
+DECRYPTS_IN_FLIGHT = 1
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,9 +119,130 @@ def _item_error(item: tuple[str, str]) -> HsmError:
         return HsmError(Reason.INTERNAL, item[1])
 
 
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while part := list(islice(it, size)):
+        yield part
+
+
+def _copy(error: BaseException) -> BaseException:
+    """A fresh exception per waiter (one instance raised in several tasks would share and
+    grow one traceback)."""
+    if isinstance(error, HsmError):
+        return HsmError(error.reason, error.message)
+    return error
+
+
+class _Shared:
+    """One worker answer for several callers: item ``i`` of it goes to ``futures[i]``
+    (a :class:`kustody.hsm.connection.Waiter`); ``on_done`` runs once it is answered."""
+
+    __slots__ = ("futures", "on_done")
+
+    def __init__(
+        self, futures: list[asyncio.Future[Any]], on_done: Callable[[], None] | None = None
+    ) -> None:
+        self.futures = futures
+        self.on_done = on_done
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def cancel(self) -> bool:
+        for f in self.futures:
+            f.cancel()
+        return True
+
+    def set_result(self, answers: Any, /) -> None:
+        for f, answer in zip(self.futures, answers, strict=True):
+            if not f.done():
+                f.set_result(answer)
+        if self.on_done is not None:
+            self.on_done()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        for f in self.futures:
+            if not f.done():
+                f.set_exception(_copy(exception))
+        if self.on_done is not None:
+            self.on_done()
+
+
+class _DecryptQueue:
+    """Concurrent decrypts go to the worker together: at most ``max_in_flight`` decrypt
+    requests are at the worker; calls made meanwhile wait here and go as one request when one
+    comes back. A lone call is sent at once (after the callbacks that are ready now, so calls
+    that arrived together share a request), so nothing waits for a timer; under load, one frame
+    each way carries many decrypts, which costs the event loop less than a frame per call.
+    """
+
+    def __init__(self, connection: HsmConnection, max_in_flight: int = DECRYPTS_IN_FLIGHT) -> None:
+        self._connection = connection
+        self._max_in_flight = max_in_flight
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._items: list[tuple[str, int, bytes, bytes, bytes]] = []
+        self._futures: list[asyncio.Future[Any]] = []
+        self._in_flight = 0
+        self._scheduled = False
+
+    def submit(self, item: tuple[str, int, bytes, bytes, bytes]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new loop (tests run one per call): nothing carries over
+            _Shared(self._futures).cancel()
+            self._items, self._futures, self._loop = [], [], loop
+            self._in_flight, self._scheduled = 0, False
+        future: asyncio.Future[Any] = loop.create_future()
+        self._items.append(item)
+        self._futures.append(future)
+        if len(self._items) >= MAX_BATCH_ITEMS:
+            self._flush(force=True)
+        elif not self._scheduled and self._in_flight < self._max_in_flight:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self, *, force: bool = False) -> None:
+        self._scheduled = False
+        items, futures = self._items, self._futures
+        if not items or (self._in_flight >= self._max_in_flight and not force):
+            return
+        self._items, self._futures = [], []
+        shared = _Shared(futures, self._answered)
+        try:
+            self._connection.submit(Op.DECRYPT, items, shared)
+        except HsmError as exc:
+            shared.on_done = None
+            shared.set_exception(exc)
+            return
+        self._in_flight += 1
+
+    def _answered(self) -> None:
+        self._in_flight = max(0, self._in_flight - 1)
+        if self._items:
+            self._flush()
+
+
+def _settle(futures: Iterable[asyncio.Future[Any] | None]) -> None:
+    """Chunks nobody will await (an earlier one failed, or the caller went away): cancel the
+    pending ones, and mark failed ones as seen (no "exception never retrieved" noise)."""
+    for future in futures:
+        if future is None:
+            continue
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
+
+
 class KeyService:
     def __init__(self, connection: HsmConnection) -> None:
         self.connection = connection
+        self._decrypts = _DecryptQueue(connection)
+
+    def _submit(self, op: Op, args: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.connection.submit(op, args, future)
+        return future
 
     # -- versions ----------------------------------------------------------------------------
 
@@ -150,46 +290,74 @@ class KeyService:
     async def generate_data_keys(
         self, requests: Sequence[GenerateRequest]
     ) -> list[GeneratedKey | HsmError]:
-        """All items in one trip to the worker, with one RNG call for the batch."""
+        """All items, sent to the worker in chunks, each chunk with one RNG call."""
         check_batch(len(requests))
-        results: list[GeneratedKey | HsmError | None] = [None] * len(requests)
-        valid: list[int] = []
-        items: list[tuple[str, int | None, int, bool, bytes]] = []
-        for i, request in enumerate(requests):
-            try:
-                length = _checked_length(request.length)
-            except HsmError as exc:
-                results[i] = exc
-                continue
-            valid.append(i)
-            items.append(
-                (
-                    request.key_ring,
-                    request.version,
-                    length,
-                    request.include_plaintext,
-                    request.binding.encode(),
-                )
-            )
-        if items:
-            generated = await self.connection.request(Op.GENERATE, items)
-            refs = _Refs()
-            for i, item, answer in zip(valid, items, generated, strict=True):
-                if len(answer) == 2:
-                    results[i] = _item_error(answer)
-                    continue
-                version, nonce, sealed, plaintext = answer
-                envelope = Envelope(refs.get(item[0], version), nonce, sealed)
-                results[i] = GeneratedKey(envelope, plaintext)
-        return [r for r in results if r is not None]
+        results: list[GeneratedKey | HsmError] = []
+        async for chunk in self.generate_data_key_chunks(requests):
+            results.extend(chunk)
+        return results
+
+    async def generate_data_key_chunks(
+        self, requests: Iterable[GenerateRequest]
+    ) -> AsyncIterator[list[GeneratedKey | HsmError]]:
+        """Results in order, one list per chunk of :data:`CHUNK_ITEMS` requests.
+
+        ``requests`` is consumed lazily: each chunk goes to the worker as soon as it has been
+        taken from the iterable, before the next one is (so a caller that decodes items in a
+        generator overlaps its decoding with the worker's sealing). The caller limits the
+        count (:func:`check_batch`). A request-level failure (e.g. the token is lost) raises.
+        """
+        sent: list[tuple[list[GeneratedKey | HsmError | None], list[int], list[Any], Any]] = []
+        try:
+            for part in _chunks(requests, CHUNK_ITEMS):
+                results: list[GeneratedKey | HsmError | None] = [None] * len(part)
+                valid: list[int] = []
+                items: list[tuple[str, int | None, int, bool, bytes]] = []
+                for i, request in enumerate(part):
+                    try:
+                        length = _checked_length(request.length)
+                    except HsmError as exc:
+                        results[i] = exc
+                        continue
+                    valid.append(i)
+                    items.append(
+                        (
+                            request.key_ring,
+                            request.version,
+                            length,
+                            request.include_plaintext,
+                            request.binding.encode(),
+                        )
+                    )
+                future = self._submit(Op.GENERATE, items) if items else None
+                sent.append((results, valid, items, future))
+            for results, valid, items, future in sent:
+                if future is not None:
+                    generated = await future
+                    refs = _Refs()
+                    for i, item, answer in zip(valid, items, generated, strict=True):
+                        if len(answer) == 2:
+                            results[i] = _item_error(answer)
+                            continue
+                        version, nonce, sealed, plaintext = answer
+                        envelope = Envelope(refs.get(item[0], version), nonce, sealed)
+                        results[i] = GeneratedKey(envelope, plaintext)
+                yield [r for r in results if r is not None]
+        finally:
+            _settle(future for *_, future in sent)
 
     async def decrypt(self, envelope: Envelope, binding: Binding | KmsBinding) -> bytes:
-        """The plaintext of a wrapped key. Callers decide who may receive it."""
+        """The plaintext of a wrapped key. Callers decide who may receive it.
+
+        Concurrent calls are coalesced into one worker request (see :class:`_DecryptQueue`);
+        each still gets its own result or its own error."""
         key = envelope.key
         aad = associated_data(envelope.header, binding)
-        args = (key.key_ring, key.version, envelope.nonce, envelope.ciphertext, aad)
-        plaintext: bytes = await self.connection.request(Op.DECRYPT, args)
-        return plaintext
+        item = (key.key_ring, key.version, envelope.nonce, envelope.ciphertext, aad)
+        answer = await self._decrypts.submit(item)
+        if isinstance(answer, bytes):
+            return answer
+        raise _item_error(answer)
 
     async def rewrap(self, request: RewrapRequest) -> Envelope:
         (result,) = await self.rewrap_many([request])
@@ -198,31 +366,45 @@ class KeyService:
         return result
 
     async def rewrap_many(self, requests: Sequence[RewrapRequest]) -> list[Envelope | HsmError]:
-        """All items in one trip to the worker, with one RNG call for the nonces."""
+        """All items, sent to the worker in chunks, each chunk with one RNG call for its nonces."""
         check_batch(len(requests))
-        if not requests:
-            return []
-        items = [
-            (
-                r.envelope.key.key_ring,
-                r.envelope.key.version,
-                r.envelope.nonce,
-                r.envelope.ciphertext,
-                r.binding.encode(),
-                r.to_version,
-            )
-            for r in requests
-        ]
-        answers = await self.connection.request(Op.REWRAP, items)
-        refs = _Refs()
         results: list[Envelope | HsmError] = []
-        for item, answer in zip(items, answers, strict=True):
-            if len(answer) == 2:
-                results.append(_item_error(answer))
-            else:
-                version, nonce, sealed = answer
-                results.append(Envelope(refs.get(item[0], version), nonce, sealed))
+        async for chunk in self.rewrap_chunks(requests):
+            results.extend(chunk)
         return results
+
+    async def rewrap_chunks(
+        self, requests: Iterable[RewrapRequest]
+    ) -> AsyncIterator[list[Envelope | HsmError]]:
+        """As :meth:`generate_data_key_chunks`, for rewraps."""
+        sent: list[tuple[list[Any], Any]] = []
+        try:
+            for part in _chunks(requests, CHUNK_ITEMS):
+                items = [
+                    (
+                        r.envelope.key.key_ring,
+                        r.envelope.key.version,
+                        r.envelope.nonce,
+                        r.envelope.ciphertext,
+                        r.binding.encode(),
+                        r.to_version,
+                    )
+                    for r in part
+                ]
+                sent.append((items, self._submit(Op.REWRAP, items)))
+            for items, future in sent:
+                answers = await future
+                refs = _Refs()
+                results: list[Envelope | HsmError] = []
+                for item, answer in zip(items, answers, strict=True):
+                    if len(answer) == 2:
+                        results.append(_item_error(answer))
+                    else:
+                        version, nonce, sealed = answer
+                        results.append(Envelope(refs.get(item[0], version), nonce, sealed))
+                yield results
+        finally:
+            _settle(future for _, future in sent)
 
     async def seal_kms(
         self, key_ring: str, version: int | None, plaintext: bytes

@@ -63,10 +63,20 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_TokenCollector(connection))
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._histograms: dict[str, Any] = {}
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(op, outcome).inc()
-        self.duration.labels(op).observe(seconds)
+        # Children cached per label set (labels() takes a lock and builds a tuple each call);
+        # both sets are bounded (operations x reasons).
+        counter = self._counters.get((op, outcome))
+        if counter is None:
+            counter = self._counters[(op, outcome)] = self.requests.labels(op, outcome)
+        counter.inc()
+        histogram = self._histograms.get(op)
+        if histogram is None:
+            histogram = self._histograms[op] = self.duration.labels(op)
+        histogram.observe(seconds)
 
     def serve(self, port: int, address: str) -> Any:
         """Serve /metrics over HTTP; returns the server (``shutdown()`` stops it)."""

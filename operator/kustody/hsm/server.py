@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -166,6 +167,16 @@ class Sidecar:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def settle_heap() -> None:
+    """Call once the process is serving: move everything alive now (imported modules, the
+    Kubernetes client, protobuf descriptors: ~50k objects) out of the garbage collector's
+    reach. Full collections then scan only what was allocated since, instead of pausing the
+    event loop for 15-50 ms every few thousand requests (the p99.9 of unwrap was such pauses).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:

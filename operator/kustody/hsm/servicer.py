@@ -7,7 +7,7 @@ and states that the KeyRing's ``spec.allowPlaintextExport`` is true. A future wo
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from kustody.domain.aad import Binding
@@ -30,6 +30,7 @@ from kustody.hsm.rpccall import observed
 from kustody.hsm.rpcerror import Context
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _STATES = {
     VersionState.ENABLED: pb.ENABLED,
@@ -105,6 +106,14 @@ def _rewrap_request(message: pb.ReWrapRequest) -> RewrapRequest:
     )
 
 
+def _merged(count: int, results: Sequence[R], errors: Mapping[int, R]) -> Sequence[R]:
+    """Per-item results in request order: ``errors`` at their indexes, ``results`` between."""
+    if not errors:
+        return results
+    done = iter(results)
+    return [errors[i] if i in errors else next(done) for i in range(count)]
+
+
 class KeyServiceServicer(pb_grpc.KeyServiceServicer):
     def __init__(self, service: KeyService, metrics: Metrics) -> None:
         self._service = service
@@ -134,21 +143,25 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.BatchGenerateDataKeyRequest, context: Context
     ) -> pb.BatchGenerateDataKeyResponse:
         async def work() -> pb.BatchGenerateDataKeyResponse:
-            check_batch(len(request.items))
-            results: list[pb.DataKeyResult | None] = []
-            valid: list[GenerateRequest] = []
-            for item in request.items:
-                try:
-                    valid.append(_generate_request(item))
-                    results.append(None)
-                except HsmError as exc:
-                    results.append(pb.DataKeyResult(error=error_pb(exc)))
-                except DomainError as exc:
-                    results.append(pb.DataKeyResult(error=error_pb(from_domain(exc))))
-            generated = iter(await self._service.generate_data_keys(valid))
-            return pb.BatchGenerateDataKeyResponse(
-                results=[r if r is not None else _data_key_result(next(generated)) for r in results]
-            )
+            items = request.items
+            check_batch(len(items))
+            errors: dict[int, pb.DataKeyResult] = {}
+
+            def valid() -> Iterator[GenerateRequest]:
+                # Decoded lazily: the key service sends each chunk to the worker as soon as it
+                # is taken, so decoding the next chunk overlaps the worker sealing this one.
+                for i, item in enumerate(items):
+                    try:
+                        yield _generate_request(item)
+                    except HsmError as exc:
+                        errors[i] = pb.DataKeyResult(error=error_pb(exc))
+                    except DomainError as exc:
+                        errors[i] = pb.DataKeyResult(error=error_pb(from_domain(exc)))
+
+            results: list[pb.DataKeyResult] = []
+            async for chunk in self._service.generate_data_key_chunks(valid()):
+                results.extend(map(_data_key_result, chunk))
+            return pb.BatchGenerateDataKeyResponse(results=_merged(len(items), results, errors))
 
         return await self._call("BatchGenerateDataKey", context, work)
 
@@ -182,22 +195,29 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.BatchReWrapRequest, context: Context
     ) -> pb.BatchReWrapResponse:
         async def work() -> pb.BatchReWrapResponse:
-            check_batch(len(request.items))
-            results: list[pb.ReWrapResult | None] = []
+            items = request.items
+            check_batch(len(items))
+            errors: dict[int, pb.ReWrapResult] = {}
             valid: list[RewrapRequest] = []
-            for item in request.items:
-                try:
-                    valid.append(_rewrap_request(item))
-                    results.append(None)
-                except HsmError as exc:
-                    results.append(pb.ReWrapResult(error=error_pb(exc)))
-                except DomainError as exc:
-                    results.append(pb.ReWrapResult(error=error_pb(from_domain(exc))))
-            rewrapped = await self._service.rewrap_many(valid)
-            done = iter(zip(valid, rewrapped, strict=True))
-            return pb.BatchReWrapResponse(
-                results=[r if r is not None else _rewrap_result(*next(done)) for r in results]
-            )
+
+            def decoded() -> Iterator[RewrapRequest]:
+                for i, item in enumerate(items):  # lazily, as in BatchGenerateDataKey
+                    try:
+                        rewrap = _rewrap_request(item)
+                    except HsmError as exc:
+                        errors[i] = pb.ReWrapResult(error=error_pb(exc))
+                        continue
+                    except DomainError as exc:
+                        errors[i] = pb.ReWrapResult(error=error_pb(from_domain(exc)))
+                        continue
+                    valid.append(rewrap)
+                    yield rewrap
+
+            results: list[pb.ReWrapResult] = []
+            async for chunk in self._service.rewrap_chunks(decoded()):
+                start = len(results)
+                results.extend(map(_rewrap_result, valid[start : start + len(chunk)], chunk))
+            return pb.BatchReWrapResponse(results=_merged(len(items), results, errors))
 
         return await self._call("BatchReWrap", context, work)
 

@@ -8,6 +8,8 @@ than a Python-level struct loop over a 1000-item batch. Both ends are the same i
 (the worker is started with ``sys.executable``), so the marshal format always matches.
 
 Requests name an :class:`Op`; the worker answers each with the same request id, in order.
+Batch operations (GENERATE, REWRAP, DECRYPT) take a sequence of items and answer one result
+per item, where an item's error is a ``(reason, message)`` pair of strings.
 A response body is ``(result, health, snapshot)``: ``health`` and ``snapshot`` are None unless
 they changed since the previous response, so the front end mirrors both without asking.
 
@@ -38,7 +40,7 @@ class Op(enum.IntEnum):
     DESCRIBE = 5  # (ring,) -> (primary | None, (info, ...))
     INFO = 6  # (ring, version | None) -> info
     GENERATE = 7  # ((ring, version | None, length, with_plaintext, binding), ...) -> items
-    DECRYPT = 8  # (ring, version, nonce, sealed, aad) -> plaintext
+    DECRYPT = 8  # ((ring, version, nonce, sealed, aad), ...) -> (plaintext | error, ...)
     REWRAP = 9  # ((ring, version, nonce, sealed, binding, to_version | None), ...) -> items
     SEAL = 10  # (ring, version | None, plaintext, binding | None [KMS]) -> (info, nonce, sealed)
     RESCAN = 11  # () -> None: forget cached handles and rescan the token (as a restart would)

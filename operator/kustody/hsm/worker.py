@@ -236,6 +236,33 @@ def _rewrap(
     return results
 
 
+def _decrypt(store: KekStore, items: list[tuple[str, int, bytes, bytes, bytes]]) -> list[Any]:
+    """Unseal each item (concurrent Decrypts coalesced by the front end): the plaintext or
+    the item's error. Key lookup once per version; a lost token aborts the whole request."""
+    keys: dict[tuple[str, int], tuple[KeyVersionRef, Any] | HsmError] = {}
+    decrypt = store.decrypt
+    results: list[Any] = []
+    for ring, version, nonce, sealed, aad in items:
+        found = keys.get((ring, version))
+        if found is None:
+            try:
+                ref = KeyVersionRef(ring, version)
+                found = (ref, store.usable_key(ref))
+            except HsmError as exc:
+                found = exc
+            except DomainError as exc:
+                found = from_domain(exc)
+            keys[(ring, version)] = found
+        if isinstance(found, HsmError):
+            results.append(_error(found))
+            continue
+        try:
+            results.append(decrypt(found[1], found[0], nonce, sealed, aad))
+        except HsmError as exc:
+            results.append(_error(exc))
+    return results
+
+
 def _seal(
     store: KekStore, ring: str, version: int | None, plaintext: bytes, binding: bytes | None
 ) -> tuple[wire.WireInfo, bytes, bytes]:
@@ -263,9 +290,7 @@ def _dispatch(token: Token, op: int, args: Any) -> Any:
     if op == wire.Op.REWRAP:
         return token.run(lambda s: _rewrap(s, args))
     if op == wire.Op.DECRYPT:
-        ring, version, nonce, sealed, aad = args
-        ref = KeyVersionRef(ring, version)
-        return token.run(lambda s: s.unseal(ref, nonce, sealed, aad))
+        return token.run(lambda s: _decrypt(s, args))
     if op == wire.Op.CHECK:
         token.check(force=bool(args[0]))
         return None

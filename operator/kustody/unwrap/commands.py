@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kustody.errors import UserError
 from kustody.hsm import commands as hsm_commands
-from kustody.hsm.server import Sidecar
+from kustody.hsm.server import Sidecar, settle_heap
 from kustody.kube.api import Kube, load_api_client
 from kustody.unwrap import audit
 from kustody.unwrap.server import WorkloadConfig, WorkloadServer
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 workload_config, sidecar.service, sidecar.metrics.registry, kube
             )
             await workload.start()
+            settle_heap()
             await stop.wait()
         except OSError as exc:
             raise UserError(f"the HSM sidecar could not start: {exc}") from None

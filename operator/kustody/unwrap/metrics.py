@@ -6,6 +6,8 @@ request field, so callers cannot inflate label cardinality; ``outcome`` is ``ok`
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -27,6 +29,15 @@ class UnwrapMetrics:
             registry=registry,
         )
 
+        # Children per label set, looked up once: labels() takes a lock and builds a tuple
+        # each time. Both are bounded: namespaces of verified callers x reasons, and 2.
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._histograms = {r: self.duration.labels(r) for r in ("ok", "refused")}
+
     def observe(self, namespace: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(namespace, outcome).inc()
-        self.duration.labels("ok" if outcome == "ok" else "refused").observe(seconds)
+        key = (namespace, outcome)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.requests.labels(namespace, outcome)
+        counter.inc()
+        self._histograms["ok" if outcome == "ok" else "refused"].observe(seconds)

@@ -1,0 +1,288 @@
+// unwrapload drives kustody.workload.v1.Unwrap/Unwrap at a fixed concurrency and prints one
+// JSON object: ops/s, p50/p99 latency and the CPU this process used, so the benchmark can tell
+// how much of the machine the client took.
+//
+// The request is sent as pre-serialised protobuf bytes (written by bench/unwrap.py) through a
+// pass-through codec, so no generated code is needed; each answer's plaintext (field 1) is
+// checked against the expected bytes with protowire.
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+const method = "/kustody.workload.v1.Unwrap/Unwrap"
+
+// rawCodec sends and receives already-encoded protobuf messages.
+type rawCodec struct{}
+
+func (rawCodec) Name() string { return "proto" }
+
+func (rawCodec) Marshal(v any) ([]byte, error) {
+	b, ok := v.(*[]byte)
+	if !ok {
+		return nil, fmt.Errorf("rawCodec: cannot marshal %T", v)
+	}
+	return *b, nil
+}
+
+func (rawCodec) Unmarshal(data []byte, v any) error {
+	b, ok := v.(*[]byte)
+	if !ok {
+		return fmt.Errorf("rawCodec: cannot unmarshal into %T", v)
+	}
+	*b = append((*b)[:0], data...)
+	return nil
+}
+
+// plaintextOf returns field 1 (bytes plaintext) of an UnwrapResponse.
+func plaintextOf(msg []byte) ([]byte, error) {
+	for len(msg) > 0 {
+		num, typ, n := protowire.ConsumeTag(msg)
+		if n < 0 {
+			return nil, protowire.ParseError(n)
+		}
+		msg = msg[n:]
+		if num == 1 && typ == protowire.BytesType {
+			v, m := protowire.ConsumeBytes(msg)
+			if m < 0 {
+				return nil, protowire.ParseError(m)
+			}
+			return v, nil
+		}
+		m := protowire.ConsumeFieldValue(num, typ, msg)
+		if m < 0 {
+			return nil, protowire.ParseError(m)
+		}
+		msg = msg[m:]
+	}
+	return nil, errors.New("no plaintext in the response")
+}
+
+type result struct {
+	OpsS        float64 `json:"ops_s"`
+	P50Ms       float64 `json:"p50_ms"`
+	P99Ms       float64 `json:"p99_ms"`
+	P90Ms       float64 `json:"p90_ms"`
+	P999Ms      float64 `json:"p999_ms"`
+	MaxMs       float64 `json:"max_ms"`
+	Calls       int     `json:"calls"`
+	Failures    int     `json:"failures"`
+	FirstError  string  `json:"first_error,omitempty"`
+	Seconds     float64 `json:"seconds"`
+	ClientCPU   float64 `json:"client_cpu_seconds"`
+	Concurrency int     `json:"concurrency"`
+	Conns       int     `json:"connections"`
+	// CPU seconds of the watched processes (the sidecar's) over the measured window, by pid.
+	Watched map[string]float64 `json:"watched_cpu_seconds"`
+}
+
+// procCPU is the user+system CPU time of a process from /proc/<pid>/stat (clock ticks of
+// 1/100 s, the Linux USER_HZ).
+func procCPU(pid string) float64 {
+	data, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return 0
+	}
+	end := bytes.LastIndexByte(data, ')')
+	if end < 0 {
+		return 0
+	}
+	fields := strings.Fields(string(data[end+1:]))
+	if len(fields) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseFloat(fields[11], 64)
+	stime, _ := strconv.ParseFloat(fields[12], 64)
+	return (utime + stime) / 100
+}
+
+func watchedCPU(pids []string) map[string]float64 {
+	out := make(map[string]float64, len(pids))
+	for _, pid := range pids {
+		out[pid] = procCPU(pid)
+	}
+	return out
+}
+
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	tv := func(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
+	return tv(ru.Utime) + tv(ru.Stime)
+}
+
+func main() {
+	addr := flag.String("addr", "", "host:port of the workload service")
+	caFile := flag.String("ca", "", "CA certificate (PEM)")
+	serverName := flag.String("server-name", "localhost", "TLS server name")
+	tokenFile := flag.String("token", "", "file holding the ServiceAccount token")
+	requestFile := flag.String("request", "", "file holding a serialised UnwrapRequest")
+	expectFile := flag.String("expect", "", "file holding the expected plaintext")
+	concurrency := flag.Int("c", 16, "callers")
+	conns := flag.Int("conns", 4, "TLS connections (callers are spread over them)")
+	duration := flag.Duration("duration", 3*time.Second, "how long to measure")
+	warmup := flag.Duration("warmup", 500*time.Millisecond, "load before measuring")
+	watch := flag.String("watch-pids", "", "comma-separated pids whose CPU time to report")
+	flag.Parse()
+
+	fail := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "unwrapload: "+format+"\n", args...)
+		os.Exit(2)
+	}
+	read := func(path string) []byte {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			fail("%v", err)
+		}
+		return data
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(read(*caFile)) {
+		fail("no certificate in %s", *caFile)
+	}
+	token := string(bytes.TrimSpace(read(*tokenFile)))
+	request := read(*requestFile)
+	expect := read(*expectFile)
+	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: *serverName})
+
+	clients := make([]*grpc.ClientConn, *conns)
+	for i := range clients {
+		cc, err := grpc.NewClient(*addr,
+			grpc.WithTransportCredentials(creds),
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})),
+			// One HTTP/2 connection per ClientConn; without this they could share nothing
+			// anyway, but keep the connections distinct and explicit.
+			grpc.WithUserAgent(fmt.Sprintf("unwrapload/%d", i)))
+		if err != nil {
+			fail("%v", err)
+		}
+		defer cc.Close()
+		clients[i] = cc
+	}
+	base := metadata.Pairs("authorization", "Bearer "+token)
+
+	call := func(cc *grpc.ClientConn) error {
+		ctx, cancel := context.WithTimeout(metadata.NewOutgoingContext(context.Background(), base), 5*time.Second)
+		defer cancel()
+		req := request
+		var resp []byte
+		if err := cc.Invoke(ctx, method, &req, &resp); err != nil {
+			return err
+		}
+		got, err := plaintextOf(resp)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(got, expect) {
+			return errors.New("the plaintext differs from the expected one")
+		}
+		return nil
+	}
+	for _, cc := range clients { // TLS handshakes; the TokenReview and DataKey get cached
+		if err := call(cc); err != nil {
+			fail("warm-up call failed: %v", err)
+		}
+	}
+
+	var (
+		mu        sync.Mutex
+		latencies []time.Duration
+		failures  int
+		firstErr  string
+		wg        sync.WaitGroup
+	)
+	warmEnd := time.Now().Add(*warmup)
+	stop := warmEnd.Add(*duration)
+	var pids []string
+	if *watch != "" {
+		pids = strings.Split(*watch, ",")
+	}
+	startCPU := make(chan float64, 1)
+	startWatched := make(chan map[string]float64, 1)
+	go func() {
+		time.Sleep(time.Until(warmEnd))
+		startCPU <- cpuSeconds()
+		startWatched <- watchedCPU(pids)
+	}()
+	for w := 0; w < *concurrency; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			cc := clients[w%len(clients)]
+			own := make([]time.Duration, 0, 1<<14)
+			bad, firstBad := 0, ""
+			for {
+				t0 := time.Now()
+				if !t0.Before(stop) {
+					break
+				}
+				err := call(cc)
+				if t0.Before(warmEnd) {
+					continue
+				}
+				own = append(own, time.Since(t0))
+				if err != nil {
+					if bad == 0 {
+						firstBad = err.Error()
+					}
+					bad++
+				}
+			}
+			mu.Lock()
+			latencies = append(latencies, own...)
+			failures += bad
+			if firstErr == "" {
+				firstErr = firstBad
+			}
+			mu.Unlock()
+		}(w)
+	}
+	wg.Wait()
+	cpu := cpuSeconds() - <-startCPU
+	watched := watchedCPU(pids)
+	for pid, before := range <-startWatched {
+		watched[pid] -= before
+	}
+	elapsed := time.Since(warmEnd).Seconds()
+	sort.Slice(latencies, func(i, j int) bool { return latencies[i] < latencies[j] })
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	out := result{
+		Calls: len(latencies), Failures: failures, FirstError: firstErr, Seconds: elapsed,
+		ClientCPU: cpu, Concurrency: *concurrency, Conns: *conns, Watched: watched,
+	}
+	if n := len(latencies); n > 0 {
+		at := func(q float64) float64 { return ms(latencies[min(n-1, int(float64(n)*q))]) }
+		out.OpsS = float64(n) / elapsed
+		out.P50Ms = at(0.5)
+		out.P90Ms = at(0.9)
+		out.P99Ms = at(0.99)
+		out.P999Ms = at(0.999)
+		out.MaxMs = ms(latencies[n-1])
+	}
+	enc := json.NewEncoder(os.Stdout)
+	if err := enc.Encode(out); err != nil {
+		fail("%v", err)
+	}
+}
