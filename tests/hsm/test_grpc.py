@@ -19,6 +19,7 @@ from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
 from kustody.hsm.client import GenerateItem, HsmClient
 from kustody.hsm.errors import HsmError, Reason
+from kustody.hsm.keyservice import CHUNK_ITEMS
 from kustody.hsm.server import TlsConfig
 from kustody.hsm.token import TokenConfig
 
@@ -291,5 +292,77 @@ def test_tcp_requires_client_certificate(tmp_path: Path, token_config: TokenConf
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.Health(pb.HealthRequest(), timeout=5)
                 assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+    run(main())
+
+
+def test_batches_over_several_chunks_answer_every_item_in_order(
+    tmp_path: Path, token_config: TokenConfig, ring: str
+) -> None:
+    """Items refused while decoding (anywhere, first and last included) and items refused by
+    the worker keep their places among the good ones, across the worker chunks."""
+    count = 3 * CHUNK_ITEMS + 7
+    binding = pb.Binding(namespace="shop", name="db-key", encryption_context={"app": "db"})
+    refused = {
+        0: "INVALID_ARGUMENT",  # empty binding namespace (decoding)
+        CHUNK_ITEMS - 1: "PLAINTEXT_EXPORT_FORBIDDEN",  # (decoding)
+        CHUNK_ITEMS: "INVALID_ARGUMENT",  # DEK length out of range (the key service)
+        2 * CHUNK_ITEMS + 1: "VERSION_NOT_FOUND",  # (the worker)
+        count - 1: "INVALID_ARGUMENT",
+    }
+
+    def item(i: int) -> pb.GenerateDataKeyRequest:
+        request = pb.GenerateDataKeyRequest(key_ring=ring, version=1, binding=binding)
+        if i in (0, count - 1):
+            request.binding.namespace = ""
+        elif i == CHUNK_ITEMS - 1:
+            request.return_plaintext = True
+        elif i == CHUNK_ITEMS:
+            request.length = 4
+        elif i == 2 * CHUNK_ITEMS + 1:
+            request.version = 9
+        else:
+            request.return_plaintext = request.allow_plaintext_export = i % 2 == 0
+        return request
+
+    async def main() -> None:
+        async with (
+            running_sidecar(tmp_path, token_config) as sidecar,
+            HsmClient.unix(sidecar.config.socket or "") as hsm,
+        ):
+            await hsm.create_key_version(ring, 1)
+            await hsm.create_key_version(ring, 2)
+            stub = pb_grpc.KeyServiceStub(hsm._channel)  # type: ignore[no-untyped-call]
+            request = pb.BatchGenerateDataKeyRequest(items=[item(i) for i in range(count)])
+            reply = await stub.BatchGenerateDataKey(request)
+            assert len(reply.results) == count
+            good = []
+            for i, result in enumerate(reply.results):
+                if i in refused:
+                    assert result.WhichOneof("result") == "error", i
+                    assert result.error.reason == refused[i], (i, result.error)
+                else:
+                    assert result.WhichOneof("result") == "data_key", i
+                    assert (len(result.data_key.plaintext) == 32) is (i % 2 == 0)
+                    good.append(result.data_key.wrapped)
+
+            rewraps = [pb.ReWrapRequest(wrapped=w, binding=binding, to_version=2) for w in good]
+            rewraps[5].wrapped = "kustody:v1:not-base64!"
+            rewraps[-1].binding.name = "other"
+            rewraps.insert(CHUNK_ITEMS, pb.ReWrapRequest(wrapped=good[0], binding=binding))
+            rewraps[CHUNK_ITEMS].binding.namespace = ""
+            rewrapped = await stub.BatchReWrap(pb.BatchReWrapRequest(items=rewraps))
+            assert len(rewrapped.results) == len(rewraps)
+            expected = {
+                5: "MALFORMED_ENVELOPE",
+                CHUNK_ITEMS: "INVALID_ARGUMENT",
+                len(rewraps) - 1: "AAD_MISMATCH",
+            }
+            for i, result in enumerate(rewrapped.results):
+                if i in expected:
+                    assert result.error.reason == expected[i], (i, result.error)
+                else:
+                    assert result.rewrapped.from_version == 1, i
+                    assert result.rewrapped.to_version == 2, i
 
     run(main())

@@ -7,8 +7,8 @@ and states that the KeyRing's ``spec.allowPlaintextExport`` is true. A future wo
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Generic, TypeVar
 
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
@@ -50,7 +50,8 @@ def version_pb(info: VersionInfo) -> pb.KeyVersion:
 
 
 def binding_from(message: pb.Binding) -> Binding:
-    return Binding(message.namespace, message.name, dict(message.encryption_context))
+    context = message.encryption_context
+    return Binding(message.namespace, message.name, {k: context[k] for k in context})
 
 
 def error_pb(error: HsmError) -> pb.ItemError:
@@ -80,24 +81,6 @@ def _data_key_pb(key: GeneratedKey) -> pb.DataKey:
     )
 
 
-def _data_key_result(key: GeneratedKey | HsmError) -> pb.DataKeyResult:
-    if isinstance(key, HsmError):
-        return pb.DataKeyResult(error=error_pb(key))
-    return pb.DataKeyResult(data_key=_data_key_pb(key))
-
-
-def _rewrap_result(request: RewrapRequest, envelope: Envelope | HsmError) -> pb.ReWrapResult:
-    if isinstance(envelope, HsmError):
-        return pb.ReWrapResult(error=error_pb(envelope))
-    return pb.ReWrapResult(
-        rewrapped=pb.ReWrapped(
-            wrapped=envelope.to_text(),
-            from_version=request.envelope.key.version,
-            to_version=envelope.key.version,
-        )
-    )
-
-
 def _rewrap_request(message: pb.ReWrapRequest) -> RewrapRequest:
     return RewrapRequest(
         Envelope.from_text(message.wrapped),
@@ -106,12 +89,34 @@ def _rewrap_request(message: pb.ReWrapRequest) -> RewrapRequest:
     )
 
 
-def _merged(count: int, results: Sequence[R], errors: Mapping[int, R]) -> Sequence[R]:
-    """Per-item results in request order: ``errors`` at their indexes, ``results`` between."""
-    if not errors:
-        return results
-    done = iter(results)
-    return [errors[i] if i in errors else next(done) for i in range(count)]
+def _set_error(target: pb.ItemError, error: HsmError) -> None:
+    target.reason = str(error.reason)
+    target.message = error.message
+
+
+class _InOrder(Generic[R]):
+    """Appends a batch's per-item results in request order: ``next()`` is the next item that
+    went to the worker, after the items refused while decoding (``errors`` by index), which
+    are filled in on the way. ``errors`` must be complete before the first ``next()``: the
+    key service takes every item before it hands back the first chunk."""
+
+    def __init__(self, add: Callable[[], R], errors: dict[int, HsmError]) -> None:
+        self._add = add
+        self._errors = errors
+        self._position = 0
+
+    def _refused(self) -> None:
+        while self._position in self._errors:
+            _set_error(self._add().error, self._errors[self._position])  # type: ignore[attr-defined]
+            self._position += 1
+
+    def next(self) -> R:
+        self._refused()
+        self._position += 1
+        return self._add()
+
+    def finish(self) -> None:
+        self._refused()
 
 
 class KeyServiceServicer(pb_grpc.KeyServiceServicer):
@@ -145,7 +150,7 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         async def work() -> pb.BatchGenerateDataKeyResponse:
             items = request.items
             check_batch(len(items))
-            errors: dict[int, pb.DataKeyResult] = {}
+            errors: dict[int, HsmError] = {}
 
             def valid() -> Iterator[GenerateRequest]:
                 # Decoded lazily: the key service sends each chunk to the worker as soon as it
@@ -154,14 +159,25 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
                     try:
                         yield _generate_request(item)
                     except HsmError as exc:
-                        errors[i] = pb.DataKeyResult(error=error_pb(exc))
+                        errors[i] = exc
                     except DomainError as exc:
-                        errors[i] = pb.DataKeyResult(error=error_pb(from_domain(exc)))
+                        errors[i] = from_domain(exc)
 
-            results: list[pb.DataKeyResult] = []
+            response = pb.BatchGenerateDataKeyResponse()
+            out = _InOrder(response.results.add, errors)
             async for chunk in self._service.generate_data_key_chunks(valid()):
-                results.extend(map(_data_key_result, chunk))
-            return pb.BatchGenerateDataKeyResponse(results=_merged(len(items), results, errors))
+                for key in chunk:  # results are filled in place: no per-item message copies
+                    result = out.next()
+                    if isinstance(key, HsmError):
+                        _set_error(result.error, key)
+                        continue
+                    data_key = result.data_key
+                    data_key.wrapped = key.envelope.to_text()
+                    data_key.version = key.envelope.key.version
+                    if key.plaintext:
+                        data_key.plaintext = key.plaintext
+            out.finish()
+            return response
 
         return await self._call("BatchGenerateDataKey", context, work)
 
@@ -197,27 +213,38 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         async def work() -> pb.BatchReWrapResponse:
             items = request.items
             check_batch(len(items))
-            errors: dict[int, pb.ReWrapResult] = {}
-            valid: list[RewrapRequest] = []
+            errors: dict[int, HsmError] = {}
+            from_versions: list[int] = []
 
-            def decoded() -> Iterator[RewrapRequest]:
+            def valid() -> Iterator[RewrapRequest]:
                 for i, item in enumerate(items):  # lazily, as in BatchGenerateDataKey
                     try:
                         rewrap = _rewrap_request(item)
                     except HsmError as exc:
-                        errors[i] = pb.ReWrapResult(error=error_pb(exc))
+                        errors[i] = exc
                         continue
                     except DomainError as exc:
-                        errors[i] = pb.ReWrapResult(error=error_pb(from_domain(exc)))
+                        errors[i] = from_domain(exc)
                         continue
-                    valid.append(rewrap)
+                    from_versions.append(rewrap.envelope.key.version)
                     yield rewrap
 
-            results: list[pb.ReWrapResult] = []
-            async for chunk in self._service.rewrap_chunks(decoded()):
-                start = len(results)
-                results.extend(map(_rewrap_result, valid[start : start + len(chunk)], chunk))
-            return pb.BatchReWrapResponse(results=_merged(len(items), results, errors))
+            response = pb.BatchReWrapResponse()
+            out = _InOrder(response.results.add, errors)
+            done = 0
+            async for chunk in self._service.rewrap_chunks(valid()):
+                for envelope in chunk:
+                    result = out.next()
+                    if isinstance(envelope, HsmError):
+                        _set_error(result.error, envelope)
+                    else:
+                        rewrapped = result.rewrapped
+                        rewrapped.wrapped = envelope.to_text()
+                        rewrapped.from_version = from_versions[done]
+                        rewrapped.to_version = envelope.key.version
+                    done += 1
+            out.finish()
+            return response
 
         return await self._call("BatchReWrap", context, work)
 
