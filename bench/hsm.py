@@ -283,8 +283,17 @@ NOTES = [
     "the module), joined by a socketpair. Batches overlap across requests (c>1): the worker "
     "seals batch n while the front end decodes/encodes batches n-1 and n+1. At c=1 the two "
     "still take turns within a batch (one round trip per batch).",
+    "Within one batch the front end sends the items to the worker in chunks (8, 16, then 32 "
+    "items) as soon as each is decoded and encodes each chunk's results when it comes back, so "
+    "even at c=1 the worker seals while the front end decodes and encodes; the caller still makes "
+    "one gRPC call per batch.",
     "load_avg is os.getloadavg() (1, 5, 15 min) before and after the run; this 2-core machine "
     "is shared with other test suites, so compare runs with similar load.",
+    "unwrap_* come from the Go load generator bench/unwrapload (built into the cache on first "
+    "use): 16 callers over 4 TLS connections, pre-serialised request, every plaintext checked. "
+    "unwrap_cpu_cores is what the client and the sidecar's two processes used of the 2 cores "
+    "during the run; unwrap_python_client is the same load from a grpc.aio Python client, for "
+    "comparison with earlier runs (which used only that client).",
 ]
 
 

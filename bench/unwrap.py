@@ -260,6 +260,7 @@ def _go_bench(
         "p99_ms": out["p99_ms"],
         "p999_ms": out["p999_ms"],
         "max_ms": out["max_ms"],
+        "histogram_ms": out["histogram_ms"],
         "ops_s": round(out["ops_s"], 1),
         "failures": out["failures"],
         "client_cpu_cores": round(out["client_cpu_seconds"] / wall, 2),
@@ -274,7 +275,9 @@ def _headline(case: dict[str, Any], client: str) -> dict[str, Any]:
         "unwrap_ops_s": case["ops_s"],
         "unwrap_failures": case["failures"],
         "unwrap_client": client,
-        "unwrap_tail_ms": {k: case[k] for k in ("p90_ms", "p999_ms", "max_ms") if k in case},
+        "unwrap_tail_ms": {
+            k: case[k] for k in ("p90_ms", "p999_ms", "max_ms", "histogram_ms") if k in case
+        },
         "unwrap_cpu_cores": {k: v for k, v in case.items() if k.endswith("_cpu_cores")},
     }
 

@@ -79,12 +79,14 @@ func plaintextOf(msg []byte) ([]byte, error) {
 }
 
 type result struct {
-	OpsS        float64 `json:"ops_s"`
-	P50Ms       float64 `json:"p50_ms"`
-	P99Ms       float64 `json:"p99_ms"`
-	P90Ms       float64 `json:"p90_ms"`
-	P999Ms      float64 `json:"p999_ms"`
-	MaxMs       float64 `json:"max_ms"`
+	OpsS   float64 `json:"ops_s"`
+	P50Ms  float64 `json:"p50_ms"`
+	P99Ms  float64 `json:"p99_ms"`
+	P90Ms  float64 `json:"p90_ms"`
+	P999Ms float64 `json:"p999_ms"`
+	MaxMs  float64 `json:"max_ms"`
+	// Calls per whole millisecond of latency (index = ms), for the shape of the distribution.
+	Histogram   []int   `json:"histogram_ms"`
 	Calls       int     `json:"calls"`
 	Failures    int     `json:"failures"`
 	FirstError  string  `json:"first_error,omitempty"`
@@ -280,6 +282,10 @@ func main() {
 		out.P99Ms = at(0.99)
 		out.P999Ms = at(0.999)
 		out.MaxMs = ms(latencies[n-1])
+		out.Histogram = make([]int, int(latencies[n-1]/time.Millisecond)+1)
+		for _, l := range latencies {
+			out.Histogram[int(l/time.Millisecond)]++
+		}
 	}
 	enc := json.NewEncoder(os.Stdout)
 	if err := enc.Encode(out); err != nil {

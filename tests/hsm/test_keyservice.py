@@ -328,7 +328,7 @@ def test_concurrent_decrypts_are_coalesced_but_answered_one_by_one(
             for i, k in enumerate(keys)
         ]
         tasks = [asyncio.ensure_future(c) for c in calls]
-        await asyncio.sleep(0)  # every task has queued its decrypt; none is sent yet
+        await asyncio.sleep(0)  # every task has made its call: one is at the worker, 39 wait
         tasks[10].cancel()  # a caller that goes away
         return await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -176,9 +176,9 @@ class _Shared:
 class _DecryptQueue:
     """Concurrent decrypts go to the worker together: at most ``max_in_flight`` decrypt
     requests are at the worker; calls made meanwhile wait here and go as one request when one
-    comes back. A lone call is sent at once (after the callbacks that are ready now, so calls
-    that arrived together share a request), so nothing waits for a timer; under load, one frame
-    each way carries many decrypts, which costs the event loop less than a frame per call.
+    comes back. A call made while none is in flight is sent at once, so nothing waits for a
+    timer; under load one frame each way carries several decrypts, which costs the event loop
+    less than a frame (and a wake-up) per call.
     """
 
     def __init__(self, connection: HsmConnection, max_in_flight: int = DECRYPTS_IN_FLIGHT) -> None:
@@ -188,26 +188,21 @@ class _DecryptQueue:
         self._items: list[tuple[str, int, bytes, bytes, bytes]] = []
         self._futures: list[asyncio.Future[Any]] = []
         self._in_flight = 0
-        self._scheduled = False
 
     def submit(self, item: tuple[str, int, bytes, bytes, bytes]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new loop (tests run one per call): nothing carries over
             _Shared(self._futures).cancel()
             self._items, self._futures, self._loop = [], [], loop
-            self._in_flight, self._scheduled = 0, False
+            self._in_flight = 0
         future: asyncio.Future[Any] = loop.create_future()
         self._items.append(item)
         self._futures.append(future)
-        if len(self._items) >= MAX_BATCH_ITEMS:
+        if self._in_flight < self._max_in_flight or len(self._items) >= MAX_BATCH_ITEMS:
             self._flush(force=True)
-        elif not self._scheduled and self._in_flight < self._max_in_flight:
-            self._scheduled = True
-            loop.call_soon(self._flush)
         return future
 
     def _flush(self, *, force: bool = False) -> None:
-        self._scheduled = False
         items, futures = self._items, self._futures
         if not items or (self._in_flight >= self._max_in_flight and not force):
             return
