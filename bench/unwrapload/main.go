@@ -174,6 +174,11 @@ func main() {
 		cc, err := grpc.NewClient(*addr,
 			grpc.WithTransportCredentials(creds),
 			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})),
+			// Fixed flow-control windows: this turns off grpc-go's BDP estimation, whose PING
+			// frames (answered by the server) are load that a real workload would not send at
+			// this rate.
+			grpc.WithInitialWindowSize(1<<20),
+			grpc.WithInitialConnWindowSize(1<<20),
 			// One HTTP/2 connection per ClientConn; without this they could share nothing
 			// anyway, but keep the connections distinct and explicit.
 			grpc.WithUserAgent(fmt.Sprintf("unwrapload/%d", i)))
