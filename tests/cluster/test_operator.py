@@ -466,6 +466,45 @@ def test_retirement_never_touches_referenced_versions(
     kube.kubectl("delete", "keyring", name, manual, "--wait=false")
 
 
+def test_manual_rewrap_happens_on_request_then_the_old_version_retires(
+    kube: Cluster, ns: str, hsm_sidecar: Sidecar
+) -> None:
+    name = f"manual-{ns}"
+    apply(kube, policy(f"manual-{ns}", retireAfter="0s", destroyAfter="24h", rewrap="Manual"))
+    apply(kube, keyring(name, [ns], policy=f"manual-{ns}"))
+    apply(kube, datakey("later", ns, name))
+    _ready_dk(kube, "later", ns)
+    dek = unwrap(hsm_sidecar.socket, _secret(kube, "later-dek", ns) or {})
+    assert _kustody(kube, "rotate", name).returncode == 0
+    eventually(
+        lambda: condition(get(kube, "keyring", name), "Rotating").get("reason") == "ManualRewrap",
+        30,
+        "the KeyRing to report the DataKey left behind",
+    )
+    assert (get(kube, "datakey", "later", ns) or {})["status"]["keyRingVersion"] == 1
+
+    result = _kustody(kube, "rewrap", name)
+    assert result.returncode == 0, result.stderr
+    assert "re-wrap of KeyRing" in result.stdout
+    eventually(
+        lambda: (get(kube, "datakey", "later", ns) or {})["status"]["keyRingVersion"] == 2,
+        30,
+        "the requested re-wrap",
+    )
+    assert unwrap(hsm_sidecar.socket, _secret(kube, "later-dek", ns) or {}) == dek
+    kr = eventually(
+        lambda: (
+            (o := get(kube, "keyring", name))
+            and o["status"]["versions"][0]["state"] == "DestroyScheduled"
+            and o
+        ),
+        60,
+        "v1, now unreferenced, to retire",
+    )
+    assert condition(kr, "Rotating")["reason"] == "UpToDate"
+    kube.kubectl("delete", "keyring", name, "--wait=false")
+
+
 def test_restore_cancels_a_scheduled_destruction(kube: Cluster, ns: str) -> None:
     name = f"undo-{ns}"
     apply(kube, policy(f"undo-{ns}", retireAfter="0s", destroyAfter="720h"))

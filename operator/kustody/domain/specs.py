@@ -18,6 +18,7 @@ DEFAULT_DEK_LENGTH = 32
 DEFAULT_DESTROY_AFTER = dt.timedelta(hours=720)
 ROTATE_ANNOTATION = "kustody.io/rotate-requested-at"
 RESTORE_ANNOTATION = "kustody.io/restore-versions"
+REWRAP_ANNOTATION = "kustody.io/rewrap-requested-at"
 
 
 def parse_restore_request(value: str) -> frozenset[int]:

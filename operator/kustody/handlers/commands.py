@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kustody.domain.specs import RESTORE_ANNOTATION, ROTATE_ANNOTATION
+from kustody.domain.specs import RESTORE_ANNOTATION, REWRAP_ANNOTATION, ROTATE_ANNOTATION
 from kustody.domain.timestamps import parse_time
 from kustody.errors import UserError
 from kustody.handlers.operator import OperatorConfig, RemoteHsm, run
@@ -134,6 +134,16 @@ def _rotate(args: argparse.Namespace) -> int:
     stamp = _now_stamp()
     _annotate_keyring(args, ROTATE_ANNOTATION, stamp, "rotation")
     print(f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})")
+    return 0
+
+
+def _rewrap(args: argparse.Namespace) -> int:
+    stamp = _now_stamp()
+    _annotate_keyring(args, REWRAP_ANNOTATION, stamp, "a re-wrap")
+    print(
+        f"re-wrap of KeyRing {args.keyring}'s DataKeys under its primary version requested "
+        f"({REWRAP_ANNOTATION}={stamp})"
+    )
     return 0
 
 
@@ -261,6 +271,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rotate = with_kubeconfig(sub.add_parser("rotate", help="request a rotation of a KeyRing now"))
     rotate.add_argument("keyring", help="the KeyRing to rotate")
     rotate.set_defaults(func=_rotate)
+
+    rewrap = with_kubeconfig(
+        sub.add_parser(
+            "rewrap",
+            help="re-wrap a KeyRing's DataKeys under its primary version now "
+            "(for rewrap: Manual policies, or outside the maintenance window)",
+        )
+    )
+    rewrap.add_argument("keyring", help="the KeyRing")
+    rewrap.set_defaults(func=_rewrap)
 
     restore = with_kubeconfig(
         sub.add_parser(

@@ -18,7 +18,13 @@ from kustody.domain.conditions import Condition, merge
 from kustody.domain.errors import DomainError
 from kustody.domain.schedule import in_window
 from kustody.domain.secret import SECRET_TYPE, SecretContent, differs, render
-from kustody.domain.specs import DataKeySpec, KeyRingSpec, Rewrap, RotationPolicySpec
+from kustody.domain.specs import (
+    REWRAP_ANNOTATION,
+    DataKeySpec,
+    KeyRingSpec,
+    Rewrap,
+    RotationPolicySpec,
+)
 from kustody.domain.timestamps import format_time, parse_time
 from kustody.handlers.runtime import DATAKEY, KEYRING, Runtime
 from kustody.hsm.client import Binding, GenerateItem, HsmError
@@ -169,7 +175,9 @@ async def _converge(
                     f"regenerateAfter, under {spec.key_ring} v{version}",
                 )
             )
-        elif version != primary and _rewrap_allowed(rt, kr_spec, keyring, now):
+        elif version != primary and _rewrap_allowed(
+            rt, kr_spec, keyring, now, parse_time(status.get("lastRewrapAt"))
+        ):
             moved = await rt.rewrap(wrapped, binding, primary)
             old, wrapped, version = version, moved.wrapped, moved.to_version
             status["lastRewrapAt"] = format_time(now)
@@ -223,8 +231,17 @@ async def _converge(
 
 
 def _rewrap_allowed(
-    rt: Runtime, kr_spec: KeyRingSpec, keyring: Mapping[str, Any], now: dt.datetime
+    rt: Runtime,
+    kr_spec: KeyRingSpec,
+    keyring: Mapping[str, Any],
+    now: dt.datetime,
+    last_rewrap: dt.datetime | None,
 ) -> bool:
+    # `kustody rewrap KEYRING`: DataKeys not re-wrapped since the request move now, even
+    # under rewrap: Manual and outside the maintenance window (it is a deliberate act).
+    asked = parse_time((keyring["metadata"].get("annotations") or {}).get(REWRAP_ANNOTATION))
+    if asked is not None and (last_rewrap is None or last_rewrap < asked):
+        return True
     policy = _policy(rt, kr_spec)
     if policy is not None and policy.rewrap is Rewrap.MANUAL:
         return False

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kustody.domain.secret import LABEL_KEYRING, MANAGED_BY, MANAGER
+from kustody.domain.specs import REWRAP_ANNOTATION
 from kustody.handlers.batcher import Batcher
 from kustody.handlers.metrics import OperatorMetrics
 from kustody.handlers.store import Obj, Store
@@ -57,6 +58,7 @@ def matters_to_datakeys(old: Obj | None, new: Obj | None) -> bool:
             meta.get("deletionTimestamp"),
             status.get("primaryVersion"),
             status.get("lastRotationReason"),
+            (meta.get("annotations") or {}).get(REWRAP_ANNOTATION),
         )
 
     return view(old) != view(new)
