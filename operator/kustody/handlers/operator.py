@@ -174,6 +174,23 @@ def _kopf_registry(rt: Runtime, kubeconfig: str | None) -> kopf.OperatorRegistry
     return registry
 
 
+def _quiet_kopf_teardown(stop: asyncio.Event) -> None:
+    """Once we are stopping, Kopf's watch generators may raise while asyncio finalises them
+    (a cancelled stream mid-iteration): harmless at exit, so logged at DEBUG. Anything else,
+    or anything before the stop, still goes to the default handler."""
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        agen = context.get("asyncgen")
+        module = getattr(getattr(agen, "ag_code", None), "co_filename", "")
+        if stop.is_set() and agen is not None and "/kopf/" in module:
+            log.debug("Kopf stream finalised at exit: %s", context.get("message"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
@@ -187,6 +204,7 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
     if config.kubeconfig:
         os.environ["KUBECONFIG"] = config.kubeconfig
     stop = stop or asyncio.Event()
+    _quiet_kopf_teardown(stop)
     metrics = OperatorMetrics()
     kube = Kube(
         load_api_client(config.kubeconfig),
