@@ -6,12 +6,13 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kustody.dev.controlplane import Cluster
+from kustody.dev.controlplane import Cluster, ControlPlane
 from kustody.hsm.client import Binding, HsmClient
+from kustody.testing.plugin import crds_dir
 
 T = TypeVar("T")
 
@@ -109,3 +110,26 @@ def policy(name: str, **spec: Any) -> str:
             "spec": {"rotationPeriod": "2160h", **spec},
         }
     )
+
+
+def isolated_plane(kube: Cluster, directory: Path) -> Iterator[Cluster]:
+    """A control plane of its own (same binaries as ``kube``) with the CRDs applied, for
+    tests that kill or replace Kustody's processes; stopped when the generator closes."""
+    plane = ControlPlane(directory, binaries=kube.binaries, log=lambda _: None)
+    cluster = plane.start()
+    try:
+        cluster.kubectl("apply", "--server-side", "-f", str(crds_dir()))
+        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        yield cluster
+    finally:
+        plane.stop()
+
+
+def expire_destruction(kube: Cluster, keyring_obj: Mapping[str, Any], index: int = 0) -> None:
+    """Move one version's destroyAt into the past, as if the waiting period had run out."""
+    versions = [dict(v) for v in keyring_obj["status"]["versions"]]
+    versions[index]["destroyAt"] = "2020-01-01T00:00:00Z"
+    kube.kubectl(
+        "patch", "keyring", keyring_obj["metadata"]["name"], "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": {"versions": versions}}),
+    )  # fmt: skip

@@ -19,12 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kustody.dev.controlplane import Cluster, ControlPlane
+from kustody.dev.controlplane import Cluster
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
 from kustody.hsm.client import Binding, HsmClient
-from kustody.testing.plugin import crds_dir
-from kustody_helpers import eventually, get, policy, ready
+from kustody_helpers import eventually, get, isolated_plane, policy, ready
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,7 @@ NS = "crash"
 
 @pytest.fixture(scope="module")
 def plane(kube: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cp = ControlPlane(tmp_path_factory.mktemp("crash"), binaries=kube.binaries, log=lambda _: None)
-    cluster = cp.start()
-    cluster.kubectl("apply", "--server-side", "-f", str(crds_dir()))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    yield cluster
-    cp.stop()
+    yield from isolated_plane(kube, tmp_path_factory.mktemp("crash"))
 
 
 def _manifests() -> str:

@@ -24,6 +24,7 @@ from kustody_helpers import (
     condition,
     datakey,
     eventually,
+    expire_destruction,
     get,
     keyring,
     policy,
@@ -448,12 +449,7 @@ def test_retirement_never_touches_referenced_versions(
     assert unwrap(hsm_sidecar.socket, _secret(kube, "held-dek", ns) or {})
 
     # The waiting period ends (we move destroyAt into the past): v1 is destroyed for good.
-    versions = kr["status"]["versions"]
-    versions[0]["destroyAt"] = "2020-01-01T00:00:00Z"
-    kube.kubectl(
-        "patch", "keyring", name, "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": {"versions": versions}}),
-    )  # fmt: skip
+    expire_destruction(kube, kr)
     eventually(
         lambda: get(kube, "keyring", name)["status"]["versions"][0]["state"] == "Destroyed",
         30,
@@ -571,12 +567,7 @@ def test_deleted_keyring_with_destroy_waits_then_destroys(
         "deletion to schedule destruction",
     )
     assert condition(kr, "Ready")["reason"] == "Deleting"
-    versions = kr["status"]["versions"]
-    versions[0]["destroyAt"] = "2020-01-01T00:00:00Z"
-    kube.kubectl(
-        "patch", "keyring", name, "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": {"versions": versions}}),
-    )  # fmt: skip
+    expire_destruction(kube, kr)
     eventually(lambda: get(kube, "keyring", name) is None, 30, "the KeyRing to be gone")
     assert [v.state for v in _describe(hsm_sidecar, name).versions] == [VersionState.DESTROYED]
 

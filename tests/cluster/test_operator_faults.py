@@ -10,12 +10,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kustody.dev.controlplane import Cluster, ControlPlane
+from kustody.dev.controlplane import Cluster
 from kustody.dev.pki import create_pki
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
-from kustody.testing.plugin import crds_dir
-from kustody_helpers import apply, condition, datakey, eventually, get, keyring, ready
+from kustody_helpers import (
+    apply,
+    condition,
+    datakey,
+    eventually,
+    get,
+    isolated_plane,
+    keyring,
+    ready,
+)
 
 
 def _free_port() -> int:
@@ -26,13 +34,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def plane(kube: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cp = ControlPlane(tmp_path_factory.mktemp("faults"), binaries=kube.binaries, log=lambda _: None)
-    cluster = cp.start()
-    cluster.kubectl("apply", "--server-side", "-f", str(crds_dir()))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    cluster.kubectl("create", "namespace", "apps")
-    yield cluster
-    cp.stop()
+    for cluster in isolated_plane(kube, tmp_path_factory.mktemp("faults")):
+        cluster.kubectl("create", "namespace", "apps")
+        yield cluster
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -127,8 +128,6 @@ class Cluster:
     def _run(
         self, argv: list[str], input: str | None, check: bool, timeout: float
     ) -> subprocess.CompletedProcess[str]:
-        import os
-
         env = {**os.environ, **self.helm_env()}
         result = subprocess.run(
             argv, input=input, capture_output=True, text=True, timeout=timeout, env=env

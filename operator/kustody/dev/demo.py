@@ -19,6 +19,7 @@ from kustody.dev.binaries import build
 from kustody.dev.controlplane import Cluster, ControlPlane
 from kustody.dev.softhsm import create_token
 from kustody.dev.stack import Operator, Sidecar
+from kustody.domain.conditions import is_true
 from kustody.errors import UserError
 
 _REPO = Path(__file__).resolve().parents[3]
@@ -28,12 +29,7 @@ def _ready_count(cluster: Cluster, kind: str) -> tuple[int, int]:
     out = cluster.kubectl("get", kind, "-A", "-o", "json", check=False).stdout or '{"items": []}'
     items = json.loads(out)["items"]
     ready = sum(
-        1
-        for i in items
-        if any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in (i.get("status") or {}).get("conditions") or ()
-        )
+        1 for i in items if is_true((i.get("status") or {}).get("conditions") or (), "Ready")
     )
     return ready, len(items)
 

@@ -9,6 +9,11 @@ def format_time(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def format_micro_time(value: dt.datetime) -> str:
+    """RFC 3339 with microseconds (Lease renewTime, request annotations)."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def parse_time(text: str | None) -> dt.datetime | None:
     """Parse an RFC 3339 timestamp; None (never an exception) for missing or garbled input."""
     if not text:

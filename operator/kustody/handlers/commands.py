@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kustody.domain.specs import RESTORE_ANNOTATION, REWRAP_ANNOTATION, ROTATE_ANNOTATION
-from kustody.domain.timestamps import parse_time
+from kustody.domain.timestamps import format_micro_time, parse_time
 from kustody.errors import UserError
 from kustody.handlers.operator import OperatorConfig, RemoteHsm, run
 from kustody.handlers.runtime import datakey_keyring
@@ -110,7 +110,7 @@ def _kube(args: argparse.Namespace) -> Kube:
 
 
 def _now_stamp() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_micro_time(dt.datetime.now(dt.UTC))
 
 
 def _annotate_keyring(args: argparse.Namespace, key: str, value: str, what: str) -> None:

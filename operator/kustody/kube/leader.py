@@ -12,21 +12,12 @@ import datetime as dt
 import logging
 from typing import Any
 
+from kustody.domain.timestamps import format_micro_time, parse_time
 from kustody.kube.api import Kube
 from kustody.kube.errors import Conflict, KubeError, NotFound
 from kustody.kube.resources import LEASES
 
 log = logging.getLogger(__name__)
-
-
-def _micro(now: dt.datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 class LeaderElector:
@@ -107,7 +98,7 @@ class LeaderElector:
         spec: dict[str, Any] = {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": int(self.lease_duration),
-            "renewTime": _micro(now),
+            "renewTime": format_micro_time(now),
         }
         try:
             lease = await self._kube.get(LEASES, self.name, self.namespace)
@@ -116,7 +107,7 @@ class LeaderElector:
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {**spec, "acquireTime": _micro(now), "leaseTransitions": 0},
+                "spec": {**spec, "acquireTime": format_micro_time(now), "leaseTransitions": 0},
             }
             try:
                 await self._kube.create(LEASES, body, self.namespace)
@@ -125,13 +116,13 @@ class LeaderElector:
             return True
         current = lease.get("spec") or {}
         holder = current.get("holderIdentity")
-        renewed = _parse(current.get("renewTime"))
+        renewed = parse_time(current.get("renewTime"))
         duration = float(current.get("leaseDurationSeconds") or self.lease_duration)
         expired = renewed is None or now > renewed + dt.timedelta(seconds=duration)
         if holder and holder != self.identity and not expired:
             return False
         if holder != self.identity:
-            spec["acquireTime"] = _micro(now)
+            spec["acquireTime"] = format_micro_time(now)
             spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
         lease["spec"] = {**current, **spec}
         try:
