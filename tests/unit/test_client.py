@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from kustody.client import UnwrapClient, UnwrapError, read_secret_dir
-from kustody.client.commands import write_private
+from kustody.client.commands import main, output_path, write_private
 from kustody.client.memoryfs import filesystem_type, is_memory_backed
 from kustody.client.unwrapper import Unwrapped
 
@@ -53,6 +53,52 @@ def test_write_private_is_atomic_and_0400(tmp_path: Path) -> None:
     assert target.read_bytes() == b"j" * 32
     assert target.stat().st_mode & 0o777 == 0o400
     assert os.listdir(tmp_path) == ["dek"]
+
+
+def test_out_resolves_its_directory_and_refuses_a_final_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "via").symlink_to(real)
+    # A symlinked directory: the file is written in (and checked as) the real directory.
+    assert output_path(tmp_path / "via" / "dek") == real / "dek"
+    # A symlink as the file itself: refused, whether or not its target exists.
+    (tmp_path / "link").symlink_to(real / "elsewhere")
+    with pytest.raises(ValueError, match="symbolic link"):
+        output_path(tmp_path / "link")
+    (real / "elsewhere").write_bytes(b"")
+    with pytest.raises(ValueError, match="symbolic link"):
+        output_path(tmp_path / "via" / ".." / "link")
+    with pytest.raises(ValueError, match="not a directory"):
+        output_path(tmp_path / "missing" / "dek")
+    # write_private never writes through (nor replaces) a final symlink either.
+    with pytest.raises(OSError, match="symbolic link"):
+        write_private(tmp_path / "link", b"k" * 32)
+    assert (tmp_path / "link").is_symlink()
+    assert (real / "elsewhere").read_bytes() == b""
+
+
+def test_a_symlink_into_dev_shm_does_not_put_the_key_on_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reported hole: ``--out`` a link on disk pointing into /dev/shm passed the tmpfs
+    check (it looked at the target's directory) and the rename replaced the link on disk."""
+    shm = Path("/dev/shm")
+    if not is_memory_backed(shm):
+        pytest.skip("/dev/shm is not a tmpfs here")
+    if is_memory_backed(tmp_path):
+        pytest.skip(f"{tmp_path} is itself memory-backed")
+    target = shm / f"kustody-unit-{os.getpid()}"
+    link = tmp_path / "dek"
+    link.symlink_to(target)
+    secrets_dir = tmp_path / "secret"
+    secrets_dir.mkdir()
+    code = main(["--secret-dir", str(secret_dir(secrets_dir)), "--out", str(link),
+                 "--endpoint", "127.0.0.1:9", "--attempts", "1"])  # fmt: skip
+    assert code == 1
+    assert "is a symbolic link" in capsys.readouterr().err  # refused before any call
+    assert link.is_symlink()  # untouched: nothing written on disk
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dek", "secret"]
 
 
 def secret_dir(tmp_path: Path, **override: str) -> Path:

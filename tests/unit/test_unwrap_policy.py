@@ -1,4 +1,5 @@
-"""Authorisation rules (kustody.unwrap.policy) and DataKey grants (kustody.unwrap.datakeys)."""
+"""Authorisation rules (kustody.unwrap.policy), DataKey grants and KeyRing namespace access
+(kustody.unwrap.datakeys)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from kustody.unwrap.datakeys import DataKeyDirectory, DataKeyGrant, grant_from
-from kustody.unwrap.policy import check_grant, check_namespace
+from kustody.unwrap.datakeys import DataKeyDirectory, DataKeyGrant, NamespaceAccess, grant_from
+from kustody.unwrap.policy import check_grant, check_keyring_allows, check_namespace
 from kustody.unwrap.refusal import Refusal
 from kustody.unwrap.tokens import Identity
 
@@ -67,3 +68,58 @@ def test_directory_caches_found_and_missing_datakeys() -> None:
         assert len(calls) == 2
 
     asyncio.run(run())
+
+
+def test_the_keyring_must_exist_and_allow_the_namespace() -> None:
+    check_keyring_allows(ME, "payments", True)
+    assert reason(check_keyring_allows, ME, "payments", False) == "NAMESPACE_NOT_ALLOWED"
+    assert reason(check_keyring_allows, ME, "payments", None) == "KEYRING_NOT_FOUND"
+
+
+def test_namespace_access_follows_names_and_selector_within_the_ttl() -> None:
+    now = [0.0]
+    rings: dict[str, Mapping[str, Any]] = {
+        "named": {"spec": {"allowedNamespaces": {"names": ["shop", "bank"]}}},
+        "labelled": {"spec": {"allowedNamespaces": {"selector": {"matchLabels": {"team": "pay"}}}}},
+        "empty": {"spec": {}},
+    }
+    namespaces: dict[str, Mapping[str, Any]] = {
+        "shop": {"metadata": {"labels": {"team": "pay"}}},
+        "bank": {"metadata": {}},
+    }
+    gets: list[str] = []
+
+    async def keyring(name: str) -> Mapping[str, Any] | None:
+        gets.append(f"kr/{name}")
+        return rings.get(name)
+
+    async def namespace(name: str) -> Mapping[str, Any] | None:
+        gets.append(f"ns/{name}")
+        return namespaces.get(name)
+
+    access = NamespaceAccess(keyring, namespace, ttl=5, negative_ttl=2, clock=lambda: now[0])
+
+    async def run() -> None:
+        assert await access.allowed("named", "shop") is True
+        assert await access.allowed("named", "other") is False
+        assert await access.allowed("labelled", "shop") is True
+        assert await access.allowed("labelled", "bank") is False
+        assert await access.allowed("labelled", "gone") is False  # no Namespace, no labels
+        assert await access.allowed("empty", "shop") is False
+        assert await access.allowed("missing", "shop") is None
+        assert "ns/shop" in gets
+        assert not [g for g in gets if g.startswith("ns/") and g != "ns/shop" and
+                    g not in ("ns/bank", "ns/gone")]  # fmt: skip
+        # Revocation: names edited, label removed -> refused once the cache expires.
+        rings["named"] = {"spec": {"allowedNamespaces": {"names": ["bank"]}}}
+        namespaces["shop"] = {"metadata": {"labels": {}}}
+        now[0] += 4
+        assert await access.allowed("named", "shop") is True  # still cached
+        assert await access.allowed("labelled", "shop") is True
+        now[0] += 2
+        assert await access.allowed("named", "shop") is False
+        assert await access.allowed("labelled", "shop") is False
+
+    asyncio.run(run())
+    # names-only KeyRings never read the Namespace
+    assert "ns/other" not in gets

@@ -1,4 +1,5 @@
-"""TokenReview caching and the unverified JWT checks (kustody.unwrap.tokens), fake clock."""
+"""TokenReview caching, the review limits and the unverified JWT checks
+(kustody.unwrap.tokens), with a fake clock and a fake TokenReview answer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from typing import Any
 
 import pytest
 from kustody.unwrap.refusal import Refusal
-from kustody.unwrap.tokens import Identity, TokenReviewer, identity_from, jwt_claims, precheck
+from kustody.unwrap.tokens import (
+    Identity,
+    ReviewLimits,
+    TokenReviewer,
+    identity_from,
+    jwt_claims,
+    peer_address,
+    precheck,
+)
 
 NOW = 1_800_000_000.0
 
@@ -81,6 +90,10 @@ def test_identity_comes_from_the_review_and_must_be_a_service_account() -> None:
     for bad, reason in (
         ({**status(), "authenticated": False}, "TOKEN_INVALID"),
         ({**status(), "audiences": ["other"]}, "TOKEN_WRONG_AUDIENCE"),
+        ({k: v for k, v in status().items() if k != "audiences"}, "TOKEN_WRONG_AUDIENCE"),
+        ({**status(), "audiences": None}, "TOKEN_WRONG_AUDIENCE"),
+        ({**status(), "audiences": []}, "TOKEN_WRONG_AUDIENCE"),
+        ({**status(), "audiences": "kustody"}, "TOKEN_WRONG_AUDIENCE"),
         ({**status(), "user": {"username": "alice"}}, "NOT_A_SERVICE_ACCOUNT"),
         (
             {**status(), "user": {"username": "system:serviceaccount:a:b:c"}},
@@ -152,3 +165,147 @@ def test_a_refusal_is_cached_briefly_and_concurrent_calls_share_one_review() -> 
         assert api.calls == 2
 
     asyncio.run(run())
+
+
+# -- the front door: audiences required, refusals apart, limits before the review ------------
+
+GOOD = jwt(exp=NOW + 3600, aud=["kustody"], sub="good")
+OPEN = ReviewLimits(peer_rate=1e6, peer_burst=1e6, rate=1e6, burst=1e6, in_flight=1000)
+
+
+def forged(i: int) -> str:
+    return jwt(exp=NOW + 3600, aud=["kustody"], sub=f"forged-{i}")
+
+
+class Api:
+    """A TokenReview answer per token: authenticated only for GOOD."""
+
+    def __init__(self, answer: Mapping[str, Any] | None = None) -> None:
+        self.answer = answer
+        self.tokens: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, token: str, audiences: Sequence[str]) -> Mapping[str, Any]:
+        self.tokens.append(token)
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        if self.answer is not None:
+            return self.answer
+        return status() if token == GOOD else {"authenticated": False}
+
+
+async def outcome(reviewer: TokenReviewer, token: str, peer: str = "ipv4:10.0.0.1:5000") -> str:
+    try:
+        await reviewer.authenticate(token, peer)
+    except Refusal as exc:
+        return exc.reason
+    return "ok"
+
+
+def test_a_review_answer_without_audiences_is_refused_and_not_cached_as_a_success() -> None:
+    answer = {k: v for k, v in status().items() if k != "audiences"}
+    api = Api(answer)
+    reviewer = TokenReviewer(api, clock=Clock(), limits=OPEN)
+
+    async def run() -> None:
+        assert await outcome(reviewer, GOOD) == "TOKEN_WRONG_AUDIENCE"
+        assert await outcome(reviewer, GOOD) == "TOKEN_WRONG_AUDIENCE"  # (negative cache)
+        assert len(api.tokens) == 1
+
+    asyncio.run(run())
+
+
+def test_a_flood_of_refused_tokens_never_evicts_a_good_entry() -> None:
+    api = Api()
+    reviewer = TokenReviewer(api, clock=Clock(), limits=OPEN, max_entries=2, max_refusals=8)
+
+    async def run() -> None:
+        assert await outcome(reviewer, GOOD) == "ok"
+        results = [await outcome(reviewer, forged(i)) for i in range(500)]
+        assert set(results) == {"TOKEN_INVALID"}
+        assert await outcome(reviewer, GOOD) == "ok"
+        assert api.tokens.count(GOOD) == 1  # still cached: no second review
+        assert len(reviewer._refusals) == 8  # bounded, oldest dropped
+        assert await outcome(reviewer, forged(499)) == "TOKEN_INVALID"
+        assert api.tokens.count(forged(499)) == 1  # the newest refusal is still cached
+
+    asyncio.run(run())
+
+
+def test_new_tokens_are_limited_per_address_before_any_review() -> None:
+    clock = Clock()
+    limits = ReviewLimits(peer_rate=2, peer_burst=3, rate=100, burst=5, in_flight=100)
+    api = Api()
+    reviewer = TokenReviewer(api, clock=clock, monotonic=clock, limits=limits)
+
+    async def run() -> None:
+        a = [await outcome(reviewer, forged(i), "ipv4:10.0.0.1:1") for i in range(10)]
+        assert a == ["TOKEN_INVALID"] * 3 + ["PEER_RATE_LIMITED"] * 7
+        assert len(api.tokens) == 3  # the refused ones never reached the API
+        # Another address has its own budget, until the global one is spent (burst 5).
+        b = [await outcome(reviewer, forged(100 + i), "ipv4:10.0.0.2:1") for i in range(3)]
+        assert b == ["TOKEN_INVALID"] * 2 + ["AUTH_RATE_LIMITED"]
+        assert len(api.tokens) == 5
+        # A cached good token needs no review, so no limit applies to it...
+        # ...but a new good token waits for the budget like any other.
+        assert await outcome(reviewer, GOOD, "ipv4:10.0.0.3:1") == "AUTH_RATE_LIMITED"
+        clock.now += 1  # the buckets refill; admission refusals were not cached
+        assert await outcome(reviewer, GOOD, "ipv4:10.0.0.3:1") == "ok"
+        for _ in range(50):
+            assert await outcome(reviewer, GOOD, "ipv4:10.0.0.1:1") == "ok"
+        assert api.tokens.count(GOOD) == 1
+
+    asyncio.run(run())
+
+
+def test_reviews_in_flight_are_bounded_and_the_excess_refused_at_once() -> None:
+    api = Api()
+    limits = ReviewLimits(peer_rate=1e6, peer_burst=1e6, rate=1e6, burst=1e6, in_flight=4)
+    reviewer = TokenReviewer(api, clock=Clock(), limits=limits)
+
+    async def run() -> None:
+        api.gate = asyncio.Event()
+        waiting = [asyncio.create_task(outcome(reviewer, forged(i))) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert reviewer.in_flight == 4
+        # Over the bound: refused without waiting (the gate is still closed).
+        assert await asyncio.wait_for(outcome(reviewer, forged(99)), 1) == "AUTH_BUSY"
+        # The same token as one in flight joins that review instead.
+        joined = asyncio.create_task(outcome(reviewer, forged(0)))
+        api.gate.set()
+        assert await asyncio.gather(*waiting, joined) == ["TOKEN_INVALID"] * 5
+        assert reviewer.in_flight == 0
+        assert len(api.tokens) == 4
+
+    asyncio.run(run())
+
+
+def test_admission_refusals_cost_no_review_and_count_metrics() -> None:
+    results: list[str] = []
+    api = Api()
+    limits = ReviewLimits(peer_rate=1, peer_burst=1, rate=1e6, burst=1e6, in_flight=10)
+    reviewer = TokenReviewer(api, clock=Clock(), limits=limits, on_review=results.append)
+
+    async def run() -> None:
+        assert await outcome(reviewer, GOOD) == "ok"
+        assert await outcome(reviewer, forged(1)) == "PEER_RATE_LIMITED"
+        assert await outcome(reviewer, "not-a-jwt") == "TOKEN_MALFORMED"  # before any limit
+
+    asyncio.run(run())
+    assert results == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.1.2.3:41234", "10.1.2.3"),
+        ("ipv6:[::1]:5000", "::1"),
+        ("ipv6:%5B::1%5D:5000", "::1"),
+        ("ipv6:[fe80::1%25eth0]:80", "fe80::1%25eth0"),
+        ("unix:/run/x.sock", "unix:/run/x.sock"),
+        ("", ""),
+    ],
+)
+def test_peer_address_drops_the_port(peer: str, address: str) -> None:
+    assert peer_address(peer) == address

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,18 +72,51 @@ def _encode(dek: bytes, encoding: str) -> bytes:
     return dek
 
 
+def output_path(out: Path) -> Path:
+    """Where ``--out`` really writes: its directory with every symlink resolved, joined with
+    its last component — which must not itself be a symlink (a rename would replace the link
+    in the link's own directory, not write where it points). Raises ``ValueError``."""
+    if not out.name or out.name in (".", ".."):
+        raise ValueError(f"{out} does not name a file")
+    directory = Path(os.path.realpath(out.parent))
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    target = directory / out.name
+    if target.is_symlink():
+        raise ValueError(f"{out} is a symbolic link; give the real path of the file to write")
+    return target
+
+
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + rename), mode 0400."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    """Write ``data`` to ``path`` atomically (temp file + rename), mode 0400.
+
+    Both steps happen relative to one open handle on ``path``'s directory (resolved once, so
+    the directory checked is the directory written), and a symlink as the final component is
+    refused rather than followed or replaced."""
+    directory = os.open(os.path.realpath(path.parent), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _write_in(directory, path.name, data)
+    finally:
+        os.close(directory)
+
+
+def _write_in(directory: int, name: str, data: bytes) -> None:
+    try:
+        if stat.S_ISLNK(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, "the file to write is a symbolic link")
+    except FileNotFoundError:
+        pass
+    tmp = f".{name}.{os.getpid()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, 0o400, dir_fd=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=directory)
         raise
 
 
@@ -90,18 +125,39 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _open_directory(path: Path) -> tuple[int, str]:
+    """An open handle on ``path`` (a directory) and the path it really is (from
+    ``/proc/self/fd``, so what is checked is what the handle writes into)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return fd, os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return fd, os.path.realpath(path)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.stdout:
         return _fail("nothing to do: give --out FILE and/or --stdout")
-    if args.out is not None:
-        directory = args.out.resolve().parent
-        if not directory.is_dir():
-            return _fail(f"{directory} is not a directory")
-        if not args.allow_disk and not is_memory_backed(directory):
-            return _fail(
-                f"{directory} is not memory-backed (tmpfs); mount an emptyDir with "
-                "medium: Memory there, or pass --allow-disk to write the key to disk"
-            )
+    directory: int | None = None
+    try:
+        if args.out is not None:
+            try:
+                args.out = output_path(args.out)
+                directory, real = _open_directory(args.out.parent)
+            except (ValueError, OSError) as exc:
+                return _fail(str(exc) if isinstance(exc, ValueError) else f"--out: {exc}")
+            if not args.allow_disk and not is_memory_backed(real):
+                return _fail(
+                    f"{real} is not memory-backed (tmpfs); mount an emptyDir with "
+                    "medium: Memory there, or pass --allow-disk to write the key to disk"
+                )
+        return _unwrap(args, directory)
+    finally:
+        if directory is not None:
+            os.close(directory)
+
+
+def _unwrap(args: argparse.Namespace, directory: int | None) -> int:
     client = UnwrapClient(
         args.endpoint,
         ca_file=args.ca_file,
@@ -122,9 +178,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         client.close()
     data = _encode(dek, args.encoding)
-    if args.out is not None:
+    if directory is not None:
         try:
-            write_private(args.out, data)
+            _write_in(directory, args.out.name, data)
         except OSError as exc:
             return _fail(f"cannot write {args.out}: {exc.strerror or exc}")
         print(f"kustody unwrap: wrote {len(dek)}-byte key to {args.out}", file=sys.stderr)

@@ -24,10 +24,15 @@ class Reason(enum.StrEnum):
     DATAKEY_NOT_FOUND = "DATAKEY_NOT_FOUND"
     NOT_A_CONSUMER = "NOT_A_CONSUMER"
     KEYRING_MISMATCH = "KEYRING_MISMATCH"
+    NAMESPACE_NOT_ALLOWED = "NAMESPACE_NOT_ALLOWED"  # the KeyRing no longer allows it
+    KEYRING_NOT_FOUND = "KEYRING_NOT_FOUND"
     # The request itself (gRPC INVALID_ARGUMENT; the HSM adds MALFORMED_ENVELOPE, AAD_MISMATCH)
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     # Transient (gRPC RESOURCE_EXHAUSTED / UNAVAILABLE): the client retries these
-    RATE_LIMITED = "RATE_LIMITED"
+    RATE_LIMITED = "RATE_LIMITED"  # this ServiceAccount's unwraps/s
+    PEER_RATE_LIMITED = "PEER_RATE_LIMITED"  # new (uncached) tokens/s from one address
+    AUTH_RATE_LIMITED = "AUTH_RATE_LIMITED"  # new (uncached) tokens/s in total
+    AUTH_BUSY = "AUTH_BUSY"  # TokenReviews in flight at the bound
     AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
     # Client side, before or instead of a call
     SECRET_UNREADABLE = "SECRET_UNREADABLE"  # noqa: S105
@@ -36,6 +41,20 @@ class Reason(enum.StrEnum):
     NO_ENDPOINT = "NO_ENDPOINT"
     UNREACHABLE = "UNREACHABLE"
     UNKNOWN = "UNKNOWN"
+    # Audit only: the caller went away before an answer (no answer was sent)
+    CANCELLED = "CANCELLED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+
+
+# RESOURCE_EXHAUSTED with one of these: the client backs off and tries again.
+BACKOFF_REASONS = frozenset(
+    {
+        Reason.RATE_LIMITED,
+        Reason.PEER_RATE_LIMITED,
+        Reason.AUTH_RATE_LIMITED,
+        Reason.AUTH_BUSY,
+    }
+)
 
 
 class UnwrapError(Exception):

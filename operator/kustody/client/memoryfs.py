@@ -41,7 +41,9 @@ def filesystem_type(path: str, mountinfo: str) -> str | None:
 
 def is_memory_backed(directory: str | Path, mountinfo: Path = MOUNTINFO) -> bool:
     """True when ``directory`` is on tmpfs or ramfs (e.g. an ``emptyDir`` with
-    ``medium: Memory`` or /dev/shm). Unknown (no /proc) counts as not memory-backed."""
+    ``medium: Memory`` or /dev/shm). Unknown (no /proc) counts as not memory-backed.
+    Symlinks in ``directory`` are resolved: the answer is about where it really is — so the
+    caller must write *there*, not through a link (``kustody unwrap --out`` does)."""
     try:
         text = mountinfo.read_text()
     except OSError:

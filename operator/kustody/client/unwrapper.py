@@ -22,7 +22,7 @@ from typing import Any, cast
 import grpc
 
 from kustody.client._proto import unwrap_pb2 as pb
-from kustody.client.errors import Reason, UnwrapError
+from kustody.client.errors import BACKOFF_REASONS, Reason, UnwrapError
 from kustody.client.secretdir import (
     ENCRYPTION_CONTEXT,
     WRAPPED_KEY,
@@ -62,7 +62,7 @@ def _read_file(path: str, reason: Reason, what: str, limit: int = 1024 * 1024) -
 def _retryable(code: grpc.StatusCode | None, reason: str) -> bool:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return True
-    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and reason == Reason.RATE_LIMITED
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and reason in BACKOFF_REASONS
 
 
 def error_from(exc: grpc.RpcError) -> UnwrapError:
@@ -94,7 +94,8 @@ class UnwrapClient:
       every call because the kubelet rotates it (default ``$KUSTODY_UNWRAP_TOKEN_FILE`` or
       ``/var/run/secrets/kustody/token``);
     * retries: up to ``attempts`` calls with exponential backoff and jitter on UNAVAILABLE,
-      DEADLINE_EXCEEDED and RATE_LIMITED; never on a refusal;
+      DEADLINE_EXCEEDED and the rate limits (``RATE_LIMITED``, ``PEER_RATE_LIMITED``,
+      ``AUTH_RATE_LIMITED``, ``AUTH_BUSY``); never on a refusal;
     * cache: unwrapped keys stay in memory for ``cache_ttl`` seconds (``0`` disables), keyed
       by the whole wrapped key and binding, so a rewrapped Secret is fetched again.
     """

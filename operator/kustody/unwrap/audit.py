@@ -25,10 +25,21 @@ class AuditRecord:
     data_key: str
     key_ring: str
     version: int
-    outcome: str  # "ok" or "refused"
-    reason: str  # "" when ok, else the reason sent to the caller
+    outcome: str  # "ok", "refused" or "cancelled" (the caller left: no answer was sent)
+    reason: str  # "" when ok, else the reason sent to the caller (or CANCELLED /
+    # DEADLINE_EXCEEDED)
     latency_ms: float
     peer: str
+
+
+CANCELLED_REASONS = frozenset({"CANCELLED", "DEADLINE_EXCEEDED"})
+
+
+def outcome_of(reason: str) -> str:
+    """``ok``, ``cancelled`` or ``refused`` for an outcome that is "ok" or a reason."""
+    if reason == "ok":
+        return "ok"
+    return "cancelled" if reason in CANCELLED_REASONS else "refused"
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)

@@ -21,6 +21,7 @@ from kustody.hsm.server import Sidecar, settle_heap
 from kustody.kube.api import Kube, load_api_client
 from kustody.unwrap import audit
 from kustody.unwrap.server import WorkloadConfig, WorkloadServer
+from kustody.unwrap.tokens import ReviewLimits
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="cache a TokenReview at most this long (never past the token's exp)",
     )
     group.add_argument(
-        "--workload-datakey-ttl", type=float, default=5.0, help="cache DataKey consumers"
+        "--workload-datakey-ttl",
+        type=float,
+        default=5.0,
+        help="cache DataKeys, KeyRings and Namespace labels this long (revocation delay)",
+    )
+    defaults = ReviewLimits()
+    group.add_argument(
+        "--workload-peer-review-rate",
+        type=float,
+        default=defaults.peer_rate,
+        help="new (uncached) tokens/s one client address may have reviewed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workload-peer-review-burst", type=float, default=defaults.peer_burst,
+        help="default: %(default)s",
+    )  # fmt: skip
+    group.add_argument(
+        "--workload-review-rate",
+        type=float,
+        default=defaults.rate,
+        help="new (uncached) tokens/s reviewed in total (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workload-review-burst", type=float, default=defaults.burst,
+        help="default: %(default)s",
+    )  # fmt: skip
+    group.add_argument(
+        "--workload-reviews-in-flight",
+        type=int,
+        default=defaults.in_flight,
+        help="TokenReviews at once; beyond, refused at once with AUTH_BUSY (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workload-review-cache-size",
+        type=int,
+        default=10_000,
+        help="successful TokenReviews kept (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workload-refusal-cache-size",
+        type=int,
+        default=4_096,
+        help="refusing TokenReviews kept, apart from the successes (default: %(default)s)",
     )
     original: Callable[[argparse.Namespace], int] = parser.get_default("func")
     parser.set_defaults(func=lambda args: run(args) if args.workload_listen else original(args))
@@ -63,6 +106,18 @@ def config_from(args: argparse.Namespace) -> WorkloadConfig:
         raise UserError("--workload-listen needs --workload-tls-cert and --workload-tls-key")
     if args.workload_rate <= 0 or args.workload_burst < 1:
         raise UserError("--workload-rate must be > 0 and --workload-burst >= 1")
+    try:
+        limits = ReviewLimits(
+            peer_rate=args.workload_peer_review_rate,
+            peer_burst=args.workload_peer_review_burst,
+            rate=args.workload_review_rate,
+            burst=args.workload_review_burst,
+            in_flight=args.workload_reviews_in_flight,
+        )
+    except ValueError as exc:
+        raise UserError(f"--workload-*review* limits: {exc}") from None
+    if min(args.workload_review_cache_size, args.workload_refusal_cache_size) < 1:
+        raise UserError("--workload-review-cache-size and --workload-refusal-cache-size >= 1")
     return WorkloadConfig(
         listen=args.workload_listen,
         tls_cert=args.workload_tls_cert,
@@ -72,6 +127,9 @@ def config_from(args: argparse.Namespace) -> WorkloadConfig:
         burst=args.workload_burst,
         review_ttl=args.workload_review_ttl,
         datakey_ttl=args.workload_datakey_ttl,
+        review_limits=limits,
+        review_cache_size=args.workload_review_cache_size,
+        refusal_cache_size=args.workload_refusal_cache_size,
     )
 
 

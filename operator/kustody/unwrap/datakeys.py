@@ -1,16 +1,26 @@
-"""What a DataKey allows: its KeyRing and ``spec.consumers``, read from the API and cached
-for a few seconds (a consumer removed or a DataKey deleted is refused within ``ttl``)."""
+"""What the API allows, read on the unwrap path and cached for a few seconds:
+
+* a DataKey's KeyRing and ``spec.consumers`` (a consumer removed or a DataKey deleted is
+  refused within ``ttl``);
+* a KeyRing's ``spec.allowedNamespaces`` and, when it uses a label selector, the caller's
+  Namespace labels (a namespace removed from a KeyRing, or relabelled out of its selector,
+  is refused within ``ttl`` — revocation reaches the keys already issued there).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kustody.domain.specs import NamespaceSelector
+from kustody.unwrap.lookup import CachedLookup
+
 # (namespace, name) -> the DataKey object, or None when it does not exist
 Fetch = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]
+# name -> the cluster-scoped object (KeyRing, Namespace), or None when it does not exist
+FetchCluster = Callable[[str], Awaitable[Mapping[str, Any] | None]]
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,22 @@ def grant_from(obj: Mapping[str, Any]) -> DataKeyGrant:
     ring = str((spec.get("keyRingRef") or {}).get("name") or "")
     consumers = spec.get("consumers") or []
     return DataKeyGrant(ring, frozenset(str(c) for c in consumers))
+
+
+def selector_from(obj: Mapping[str, Any]) -> NamespaceSelector:
+    """A KeyRing's ``spec.allowedNamespaces``; anything unparsable allows nobody."""
+    raw = (obj.get("spec") or {}).get("allowedNamespaces")
+    if not isinstance(raw, Mapping):
+        return NamespaceSelector()
+    try:
+        return NamespaceSelector.parse(raw)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return NamespaceSelector()  # (the CRD's schema keeps this from happening)
+
+
+def labels_from(obj: Mapping[str, Any]) -> dict[str, str]:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
 
 
 class DataKeyDirectory:
@@ -40,36 +66,63 @@ class DataKeyDirectory:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._fetch = fetch
+        async def load(key: tuple[str, str]) -> DataKeyGrant | None:
+            obj = await fetch(*key)
+            return None if obj is None else grant_from(obj)
+
+        self._lookup: CachedLookup[tuple[str, str], DataKeyGrant] = CachedLookup(
+            load, ttl=ttl, negative_ttl=negative_ttl, max_entries=max_entries, clock=clock
+        )
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[float, DataKeyGrant | None]] = {}
-        self._pending: dict[tuple[str, str], asyncio.Future[DataKeyGrant | None]] = {}
 
     async def grant(self, namespace: str, name: str) -> DataKeyGrant | None:
-        key = (namespace, name)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > self._clock():
-            return cached[1]
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[DataKeyGrant | None] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            obj = await self._fetch(namespace, name)
-            grant = None if obj is None else grant_from(obj)
-            ttl = self.ttl if grant is not None else self.negative_ttl
-            if len(self._cache) >= self._max_entries:
-                self._cache.clear()
-            self._cache[key] = (self._clock() + ttl, grant)
-            future.set_result(grant)
-            return grant
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()
-            raise
-        finally:
-            del self._pending[key]
+        return await self._lookup.get((namespace, name))
+
+
+class NamespaceAccess:
+    """``allowed(key_ring, namespace)``: does the KeyRing (still) allow the namespace?
+
+    None when the KeyRing does not exist. The KeyRing is cached ``ttl`` seconds (missing
+    ``negative_ttl``); the Namespace's labels are read (and cached alike) only when the
+    KeyRing selects namespaces by label and does not list this one by name. A Namespace
+    that does not exist has no labels.
+    """
+
+    def __init__(
+        self,
+        keyring: FetchCluster,
+        namespace: FetchCluster,
+        *,
+        ttl: float = 5.0,
+        negative_ttl: float = 2.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        async def load_ring(name: str) -> NamespaceSelector | None:
+            obj = await keyring(name)
+            return None if obj is None else selector_from(obj)
+
+        async def load_labels(name: str) -> dict[str, str] | None:
+            obj = await namespace(name)
+            return None if obj is None else labels_from(obj)
+
+        options: dict[str, Any] = {
+            "ttl": ttl,
+            "negative_ttl": negative_ttl,
+            "max_entries": max_entries,
+            "clock": clock,
+        }
+        self.keyrings: CachedLookup[str, NamespaceSelector] = CachedLookup(load_ring, **options)
+        self.namespaces: CachedLookup[str, dict[str, str]] = CachedLookup(load_labels, **options)
+
+    async def allowed(self, key_ring: str, namespace: str) -> bool | None:
+        selector = await self.keyrings.get(key_ring)
+        if selector is None:
+            return None
+        if namespace in selector.names:
+            return True
+        if not selector.needs_labels:
+            return False
+        labels = await self.namespaces.get(namespace)
+        return selector.allows(namespace, labels)

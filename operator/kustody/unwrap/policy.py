@@ -3,6 +3,7 @@
 1. The binding's namespace (it is in the envelope's AAD) is the token's namespace.
 2. The DataKey exists in that namespace and seals under the envelope's KeyRing.
 3. The ServiceAccount is in the DataKey's ``spec.consumers``; none listed means nobody.
+4. The KeyRing exists and (still) allows the namespace in ``spec.allowedNamespaces``.
 """
 
 from __future__ import annotations
@@ -39,4 +40,17 @@ def check_grant(
             Reason.NOT_A_CONSUMER,
             f"ServiceAccount {identity.service_account!r} is not in spec.consumers of "
             f"DataKey {identity.namespace}/{data_key}",
+        )
+
+
+def check_keyring_allows(identity: Identity, key_ring: str, allowed: bool | None) -> None:
+    """``allowed``: what the KeyRing's ``spec.allowedNamespaces`` says of the caller's
+    namespace now (None: the KeyRing does not exist)."""
+    if allowed is None:
+        raise Refusal(Reason.KEYRING_NOT_FOUND, f"KeyRing {key_ring!r} does not exist")
+    if not allowed:
+        raise Refusal(
+            Reason.NAMESPACE_NOT_ALLOWED,
+            f"KeyRing {key_ring!r} does not allow namespace {identity.namespace!r} "
+            "(spec.allowedNamespaces)",
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,13 @@ from kustody.client.errors import Reason
 from kustody.hsm.keyservice import KeyService
 from kustody.kube.api import Kube
 from kustody.kube.errors import KubeError
-from kustody.kube.resources import DATAKEYS
-from kustody.unwrap.datakeys import DataKeyDirectory
+from kustody.kube.resources import DATAKEYS, KEYRINGS, NAMESPACES, Resource
+from kustody.unwrap.datakeys import DataKeyDirectory, NamespaceAccess
 from kustody.unwrap.metrics import UnwrapMetrics
 from kustody.unwrap.ratelimit import RateLimiter
 from kustody.unwrap.refusal import Refusal
 from kustody.unwrap.servicer import UnwrapServicer
-from kustody.unwrap.tokens import TokenReviewer
+from kustody.unwrap.tokens import ReviewLimits, TokenReviewer
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,19 @@ class WorkloadConfig:
     burst: float = 200.0
     review_ttl: float = 300.0  # at most; never past the token's exp
     negative_ttl: float = 5.0
-    datakey_ttl: float = 5.0
+    datakey_ttl: float = 5.0  # DataKeys, KeyRings and Namespace labels
+    # Before a TokenReview (tokens in neither cache): per client address, in total, in flight
+    review_limits: ReviewLimits = field(default_factory=ReviewLimits)
+    review_cache_size: int = 10_000  # successful reviews
+    refusal_cache_size: int = 4_096  # reviews that said no (a separate cache)
 
 
 class KubeAccess:
-    """TokenReview and DataKey GET through :class:`Kube`; API failures become
-    ``AUTH_UNAVAILABLE`` refusals (retryable: the caller's client backs off)."""
+    """TokenReview and DataKey, KeyRing and Namespace GETs through :class:`Kube`; API
+    failures become ``AUTH_UNAVAILABLE`` refusals (retryable: the caller's client backs off).
+
+    RBAC the sidecar's identity needs: ``create`` tokenreviews (authentication.k8s.io),
+    ``get`` datakeys and keyrings (kustody.io), ``get`` namespaces (core)."""
 
     def __init__(self, kube: Kube) -> None:
         self._kube = kube
@@ -68,13 +75,25 @@ class KubeAccess:
         status: Mapping[str, Any] = result.get("status") or {}
         return status
 
-    async def datakey(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+    async def _get(
+        self, res: Resource, name: str, namespace: str | None = None
+    ) -> Mapping[str, Any] | None:
         try:
-            return await self._kube.get_or_none(DATAKEYS, name, namespace)
+            return await self._kube.get_or_none(res, name, namespace)
         except KubeError as exc:
             raise Refusal(
-                Reason.AUTH_UNAVAILABLE, f"reading DataKeys failed: {exc.status} {exc.reason}"
+                Reason.AUTH_UNAVAILABLE,
+                f"reading {res.kind}s failed: {exc.status} {exc.reason}",
             ) from None
+
+    async def datakey(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return await self._get(DATAKEYS, name, namespace)
+
+    async def keyring(self, name: str) -> Mapping[str, Any] | None:
+        return await self._get(KEYRINGS, name)
+
+    async def namespace(self, name: str) -> Mapping[str, Any] | None:
+        return await self._get(NAMESPACES, name)
 
 
 class WorkloadServer:
@@ -87,16 +106,23 @@ class WorkloadServer:
     ) -> None:
         self.config = config
         access = KubeAccess(kube)
+        metrics = UnwrapMetrics(registry)
         self.reviewer = TokenReviewer(
             access.review,
             audience=config.audience,
             max_ttl=config.review_ttl,
             negative_ttl=config.negative_ttl,
+            max_entries=config.review_cache_size,
+            max_refusals=config.refusal_cache_size,
+            limits=config.review_limits,
+            on_review=metrics.review,
         )
+        metrics.reviews_in_flight.set_function(lambda: self.reviewer.in_flight)
         self.directory = DataKeyDirectory(access.datakey, ttl=config.datakey_ttl)
+        self.access = NamespaceAccess(access.keyring, access.namespace, ttl=config.datakey_ttl)
         self.limiter = RateLimiter(config.rate, config.burst)
         self.servicer = UnwrapServicer(
-            keys, self.reviewer, self.directory, self.limiter, UnwrapMetrics(registry)
+            keys, self.reviewer, self.directory, self.limiter, metrics, self.access
         )
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None

@@ -1,12 +1,19 @@
 """``kustody.workload.v1.Unwrap/Unwrap``: authenticate, rate-limit, authorise, decrypt, audit.
 
 The decrypt itself is :meth:`kustody.hsm.keyservice.KeyService.decrypt` (policy-free); the
-policy is here: the token's namespace must be the binding's (AAD) namespace and the
-ServiceAccount must be one of the DataKey's ``spec.consumers``.
+policy is here: the token's namespace must be the binding's (AAD) namespace, the
+ServiceAccount must be one of the DataKey's ``spec.consumers``, and the KeyRing must still
+allow the namespace.
+
+The outcome recorded (audit line, metrics) starts as ``CANCELLED`` and becomes ``ok`` only
+once the response is built: a call cancelled by its caller or past its deadline
+(``asyncio.CancelledError`` at any ``await``) is recorded as ``cancelled`` with reason
+``CANCELLED`` or ``DEADLINE_EXCEEDED``, never as a success.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -24,9 +31,9 @@ from kustody.domain.errors import DomainError
 from kustody.hsm.errors import HsmError, from_domain
 from kustody.hsm.keyservice import KeyService
 from kustody.unwrap import audit
-from kustody.unwrap.datakeys import DataKeyDirectory
+from kustody.unwrap.datakeys import DataKeyDirectory, NamespaceAccess
 from kustody.unwrap.metrics import UnwrapMetrics
-from kustody.unwrap.policy import check_grant, check_namespace
+from kustody.unwrap.policy import check_grant, check_keyring_allows, check_namespace
 from kustody.unwrap.ratelimit import RateLimiter
 from kustody.unwrap.refusal import Refusal, abort
 from kustody.unwrap.tokens import Identity, TokenReviewer
@@ -76,12 +83,14 @@ class UnwrapServicer:
         directory: DataKeyDirectory,
         limiter: RateLimiter,
         metrics: UnwrapMetrics,
+        access: NamespaceAccess,
     ) -> None:
         self._keys = keys
         self._reviewer = reviewer
         self._directory = directory
         self._limiter = limiter
         self._metrics = metrics
+        self._access = access
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -101,10 +110,12 @@ class UnwrapServicer:
         start = time.perf_counter()
         identity: Identity | None = None
         key_ring, version = request.key_ring, 0
-        outcome = "ok"
+        peer = context.peer() or ""
+        # Not ok until the response exists: a cancellation at any await leaves it so.
+        outcome: str = Reason.CANCELLED
         try:
             identity = await self._reviewer.authenticate(
-                bearer_token(context.invocation_metadata())
+                bearer_token(context.invocation_metadata()), peer
             )
             if not self._limiter.allow(identity.key):
                 raise Refusal(
@@ -117,14 +128,21 @@ class UnwrapServicer:
             check_namespace(identity, request.namespace)
             grant = await self._directory.grant(identity.namespace, request.data_key)
             check_grant(identity, request.data_key, key_ring, grant)
+            allowed = await self._access.allowed(key_ring, identity.namespace)
+            check_keyring_allows(identity, key_ring, allowed)
             try:
                 plaintext = await self._keys.decrypt(envelope, binding)
             except HsmError as exc:
                 raise Refusal.from_hsm(exc) from None
-            return pb.UnwrapResponse(plaintext=plaintext, version=version)
+            response = pb.UnwrapResponse(plaintext=plaintext, version=version)
+            outcome = "ok"
+            return response
         except Refusal as refusal:
             outcome = refusal.reason
             await abort(context, refusal)
+        except asyncio.CancelledError:
+            outcome = _cancelled_reason(context)
+            raise
         except Exception:
             outcome = str(Reason.UNKNOWN)
             log.exception("unwrap failed unexpectedly")
@@ -142,9 +160,20 @@ class UnwrapServicer:
                     data_key=request.data_key,
                     key_ring=key_ring,
                     version=version,
-                    outcome="ok" if outcome == "ok" else "refused",
+                    outcome=audit.outcome_of(outcome),
                     reason="" if outcome == "ok" else outcome,
                     latency_ms=round(seconds * 1000, 3),
-                    peer=context.peer() or "",
+                    peer=peer,
                 )
             )
+
+
+def _cancelled_reason(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """``DEADLINE_EXCEEDED`` when the caller's deadline has passed, else ``CANCELLED``."""
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # (a context that no longer knows) — cancelled is what we know
+        remaining = None
+    if remaining is not None and remaining <= 0:
+        return str(Reason.DEADLINE_EXCEEDED)
+    return str(Reason.CANCELLED)
