@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kustody.dev.controlplane import Cluster, ControlPlane
+from kustody.dev.stack import Sidecar
 from kustody.hsm.client import Binding, HsmClient
 from kustody.testing.plugin import crds_dir
 
@@ -110,6 +113,40 @@ def policy(name: str, **spec: Any) -> str:
             "spec": {"rotationPeriod": "2160h", **spec},
         }
     )
+
+
+def kustody_cli(kube: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kustody", *args, "--kubeconfig", str(kube.kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def ready_datakey(kube: Cluster, name: str, ns: str, timeout: float = 60) -> dict[str, Any]:
+    return eventually(
+        lambda: (o := get(kube, "datakey", name, ns)) and ready(o) and o,
+        timeout,
+        f"DataKey {ns}/{name} to be Ready",
+    )
+
+
+def event_reasons(kube: Cluster, ns: str, name: str) -> list[str]:
+    out = kube.kubectl(
+        "get", "events", "-n", ns, "-o", "json",
+        "--field-selector", f"involvedObject.name={name}",
+    ).stdout  # fmt: skip
+    return [e["reason"] for e in json.loads(out)["items"]]
+
+
+def describe(sidecar: Sidecar, ring: str) -> Any:
+    async def call() -> Any:
+        async with HsmClient.unix(sidecar.socket) as hsm:
+            return await hsm.describe_key(ring)
+
+    return asyncio.run(call())
 
 
 def isolated_plane(kube: Cluster, directory: Path) -> Iterator[Cluster]:

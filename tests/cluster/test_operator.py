@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,48 +30,26 @@ from kustody_helpers import (
     secret_data,
     unwrap,
 )
+from kustody_helpers import (
+    describe as _describe,
+)
+from kustody_helpers import (
+    event_reasons as _events,
+)
+from kustody_helpers import (
+    kustody_cli as _kustody,
+)
+from kustody_helpers import (
+    ready_datakey as _ready_dk,
+)
 
 pytestmark = pytest.mark.usefixtures("kustody_operator")
 
 DEKS: list[bytes] = []  # every plaintext DEK seen, for the leak scan at the end
 
 
-def _kustody(kube: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kustody", *args, "--kubeconfig", str(kube.kubeconfig)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _ready_dk(kube: Cluster, name: str, ns: str, timeout: float = 60) -> dict[str, Any]:
-    return eventually(
-        lambda: (o := get(kube, "datakey", name, ns)) and ready(o) and o,
-        timeout,
-        f"DataKey {ns}/{name} to be Ready",
-    )
-
-
 def _secret(kube: Cluster, name: str, ns: str) -> dict[str, Any] | None:
     return get(kube, "secret", name, ns)
-
-
-def _events(kube: Cluster, ns: str, name: str) -> list[str]:
-    out = kube.kubectl(
-        "get", "events", "-n", ns, "-o", "json",
-        "--field-selector", f"involvedObject.name={name}",
-    ).stdout  # fmt: skip
-    return [e["reason"] for e in json.loads(out)["items"]]
-
-
-def _describe(sidecar: Sidecar, ring: str) -> Any:
-    async def call() -> Any:
-        async with HsmClient.unix(sidecar.socket) as hsm:
-            return await hsm.describe_key(ring)
-
-    return asyncio.run(call())
 
 
 @pytest.fixture
@@ -253,7 +229,7 @@ def test_deleted_or_edited_secret_is_restored(
 def test_rotation_rewraps_without_restarting_workloads(
     kube: Cluster, ns: str, ring: str, hsm_sidecar: Sidecar
 ) -> None:
-    _deployment(kube, ns, "api")
+    _deployment(kube, ns, "api", restart_by="rot")
     apply(
         kube,
         datakey("rot", ns, ring, rolloutRestartTargets=[{"kind": "Deployment", "name": "api"}]),
@@ -307,12 +283,20 @@ def test_rotation_rewraps_without_restarting_workloads(
 def test_regeneration_restarts_targets_once_per_generation(
     kube: Cluster, ns: str, ring: str, hsm_sidecar: Sidecar
 ) -> None:
-    _deployment(kube, ns, "worker")
+    _deployment(kube, ns, "worker", restart_by="other-key, regen")
+    # Listed as a target by the DataKey but not opted in: never restarted (a tenant who may
+    # write DataKeys must not be able to restart any workload of the namespace).
+    _deployment(kube, ns, "bystander")
+    _deployment(kube, ns, "elsewhere", restart_by="other-key")
     apply(
         kube,
         datakey(
             "regen", ns, ring, regenerateAfter="8760h",
-            rolloutRestartTargets=[{"kind": "Deployment", "name": "worker"}],
+            rolloutRestartTargets=[
+                {"kind": "Deployment", "name": "worker"},
+                {"kind": "Deployment", "name": "bystander"},
+                {"kind": "Deployment", "name": "elsewhere"},
+            ],
         ),
     )  # fmt: skip
     _ready_dk(kube, "regen", ns)
@@ -358,6 +342,15 @@ def test_regeneration_restarts_targets_once_per_generation(
     )
     assert deployment["metadata"]["generation"] == 2
     assert "RolloutRestartTriggered" in _events(kube, ns, "regen")
+    eventually(
+        lambda: "RolloutTargetNotOptedIn" in _events(kube, ns, "regen"), 30, "the refusal Event"
+    )
+    for bystander in ("bystander", "elsewhere"):
+        workload = get(kube, "deployment", bystander, ns) or {}
+        assert workload["metadata"]["generation"] == 1, bystander
+        assert "dk.kustody.io/regen" not in (
+            workload["spec"]["template"]["metadata"].get("annotations") or {}
+        )
 
     # Any further pass (a label, a resync) must not restart it again for the same generation.
     kube.kubectl("-n", ns, "label", "datakey", "regen", "poke=1")
@@ -431,7 +424,9 @@ def test_retirement_never_touches_referenced_versions(
     assert "destroyAt" in v1
     assert not kr["status"]["destructionImpact"]
     described = {v.ref.version: v.state for v in _describe(hsm_sidecar, name).versions}
-    assert described == {1: VersionState.DISABLED, 2: VersionState.ENABLED}
+    # The token keeps its own record of the scheduled destruction (its waiting period holds
+    # even against a client that calls DestroyVersion directly).
+    assert described == {1: VersionState.DESTROY_SCHEDULED, 2: VersionState.ENABLED}
     assert unwrap(hsm_sidecar.socket, _secret(kube, "auto-dek", ns) or {})
 
     # Manual re-wrap keeps the DataKey on v1: v1 must stay Enabled.
@@ -616,14 +611,15 @@ def test_no_plaintext_key_in_logs_events_or_status(
                 assert needle not in text, f"a plaintext DEK appears in the {where}"
 
 
-def _deployment(kube: Cluster, ns: str, name: str) -> None:
+def _deployment(kube: Cluster, ns: str, name: str, *, restart_by: str | None = None) -> None:
+    annotations = {"kustody.io/allow-rollout-restart": restart_by} if restart_by else {}
     apply(
         kube,
         json.dumps(
             {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {"name": name, "namespace": ns},
+                "metadata": {"name": name, "namespace": ns, "annotations": annotations},
                 "spec": {
                     "replicas": 1,
                     "selector": {"matchLabels": {"app": name}},

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kustody.domain.conditions import Condition, merge
+from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError
 from kustody.domain.schedule import in_window
 from kustody.domain.secret import SECRET_TYPE, SecretContent, differs, render
@@ -26,7 +27,7 @@ from kustody.domain.specs import (
     RotationPolicySpec,
 )
 from kustody.domain.timestamps import format_time, parse_time
-from kustody.handlers.runtime import DATAKEY, KEYRING, Runtime
+from kustody.handlers.runtime import DATAKEY, KEYRING, Runtime, trim_secret
 from kustody.hsm.client import Binding, GenerateItem, HsmError
 from kustody.kube import workloads
 from kustody.kube.errors import Conflict, NotFound
@@ -34,12 +35,14 @@ from kustody.kube.resources import DATAKEYS, SECRETS
 
 
 class _NotReady(Exception):
-    """The DataKey cannot be served now; Ready=False with this reason and message."""
+    """The DataKey cannot be served now; Ready=False with this reason and message.
+    ``revokes_plaintext``: a plaintext entry already published must be withdrawn."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, revokes_plaintext: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.revokes_plaintext = revokes_plaintext
 
 
 def _owned_by(secret: Mapping[str, Any], uid: str) -> bool:
@@ -84,9 +87,64 @@ async def reconcile(rt: Runtime, namespace: str, name: str) -> float | None:
     try:
         keyring, kr_spec, primary = _check_keyring(rt, namespace, spec)
     except _NotReady as exc:
+        if exc.revokes_plaintext:
+            await _withdraw_plaintext(rt, obj, spec)
         await _set_not_ready(rt, obj, exc.reason, exc.message)
         return None
     return await _converge(rt, obj, spec, keyring, kr_spec, primary)
+
+
+async def _live_secret(
+    rt: Runtime, namespace: str, name: str, uid: str
+) -> Mapping[str, Any] | None:
+    """The DataKey's Secret with its data: from the cache when it holds the data of the
+    current version (our own last write), else one GET (the watch carries metadata only)."""
+    secret = rt.secrets.get(namespace, name)
+    if secret is not None and "data" in secret:
+        return secret
+    secret = await rt.kube.get_or_none(SECRETS, name, namespace)
+    if secret is not None and _owned_by(secret, uid):
+        rt.secrets.put(trim_secret(secret), refresh=True)
+    return secret
+
+
+async def _withdraw_plaintext(rt: Runtime, obj: Mapping[str, Any], spec: DataKeySpec) -> None:
+    """Revocation reaches what was issued: the KeyRing no longer allows this namespace or
+    plaintext export, so an owned Secret keeps only the wrapped key (no key is lost: the
+    status and the Secret still hold it wrapped)."""
+    meta = obj["metadata"]
+    secret = await _live_secret(rt, meta["namespace"], spec.secret_name, meta["uid"])
+    if secret is None or not _owned_by(secret, meta["uid"]):
+        return
+    if spec.keys.plaintext not in (secret.get("data") or {}):
+        return
+    patch = {
+        "metadata": {"resourceVersion": secret["metadata"]["resourceVersion"]},
+        "data": {spec.keys.plaintext: None},
+    }
+    updated = await rt.kube.patch(SECRETS, spec.secret_name, patch, meta["namespace"])
+    rt.secrets.put(trim_secret(updated))
+    await rt.events.warning(
+        obj,
+        "PlaintextWithdrawn",
+        f"removed entry {spec.keys.plaintext} from Secret {spec.secret_name}: the KeyRing "
+        "no longer allows this namespace or plaintext export",
+    )
+
+
+def _envelope_problem(wrapped: str, key_ring: str) -> str | None:
+    """Why ``status.wrappedKey`` must not be used for this DataKey, if it must not: it has to
+    be an envelope of the KeyRing the spec names (whose export policy is applied to it)."""
+    try:
+        ring = Envelope.from_text(wrapped).key.key_ring
+    except DomainError as exc:
+        return f"status.wrappedKey is not a Kustody envelope ({exc}); it is not used"
+    if ring != key_ring:
+        return (
+            f"status.wrappedKey is wrapped under KeyRing {ring}, but spec.keyRingRef names "
+            f"{key_ring}; it is neither decrypted nor re-wrapped"
+        )
+    return None
 
 
 def _check_keyring(
@@ -98,19 +156,19 @@ def _check_keyring(
             "KeyRingNotFound", f"KeyRing {spec.key_ring} does not exist; waiting for it"
         )
     kr_spec = KeyRingSpec.parse(keyring.get("spec") or {})
-    ns_obj = rt.namespaces.get(None, namespace)
-    labels = ((ns_obj or {}).get("metadata") or {}).get("labels") or {}
-    if not kr_spec.allowed.allows(namespace, labels if ns_obj is not None else None):
+    if not rt.namespace_allowed(kr_spec.allowed, namespace):
         raise _NotReady(
             "NamespaceNotAllowed",
             f"KeyRing {spec.key_ring} does not allow namespace {namespace} "
-            "(spec.allowedNamespaces); no key was made",
+            "(spec.allowedNamespaces); no key is made or re-wrapped here, unwraps are refused",
+            revokes_plaintext=True,
         )
     if spec.expose_plaintext and not kr_spec.allow_plaintext_export:
         raise _NotReady(
             "PlaintextExportNotAllowed",
             f"spec.exposePlaintext is set but KeyRing {spec.key_ring} does not allow "
-            "plaintext export; nothing was written",
+            "plaintext export; no plaintext is published",
+            revokes_plaintext=True,
         )
     primary = (keyring.get("status") or {}).get("primaryVersion")
     if (keyring.get("metadata") or {}).get("deletionTimestamp"):
@@ -136,9 +194,7 @@ async def _converge(
     now = rt.clock()
     binding = Binding(namespace, name, dict(spec.encryption_context))
 
-    secret = rt.secrets.get(namespace, spec.secret_name)
-    if secret is None:
-        secret = await rt.kube.get_or_none(SECRETS, spec.secret_name, namespace)
+    secret = await _live_secret(rt, namespace, spec.secret_name, uid)
     if secret is not None and not _owned_by(secret, uid):
         await _set_not_ready(
             rt,
@@ -150,6 +206,9 @@ async def _converge(
         return None
 
     wrapped = status.get("wrappedKey")
+    if wrapped and (problem := _envelope_problem(wrapped, spec.key_ring)):
+        await _set_not_ready(rt, obj, "EnvelopeMismatch", problem)
+        return None
     version = int(status.get("keyRingVersion") or 0)
     generation = int(status.get("dekGeneration") or 0)
     generated_at = parse_time(status.get("lastGeneratedAt"))
@@ -302,7 +361,7 @@ async def _publish(
             "data": dict(content.data),
         }
         try:
-            rt.secrets.put(await rt.kube.create(SECRETS, body, namespace))
+            rt.secrets.put(trim_secret(await rt.kube.create(SECRETS, body, namespace)))
         except Conflict:
             # Someone created it meanwhile: look again on the next pass (ours or a conflict).
             rt.enqueue(DATAKEY, namespace, obj["metadata"]["name"], 0.2)
@@ -319,7 +378,7 @@ async def _publish(
         # Entries we do not publish are removed (null), so the Secret has exactly our data.
         "data": {**{k: None for k in live_data if k not in content.data}, **content.data},
     }
-    rt.secrets.put(await rt.kube.patch(SECRETS, spec.secret_name, patch, namespace))
+    rt.secrets.put(trim_secret(await rt.kube.patch(SECRETS, spec.secret_name, patch, namespace)))
     return dict(live_data) != dict(content.data)
 
 
@@ -337,6 +396,14 @@ async def _restart_targets(
                 obj,
                 "RolloutTargetNotFound",
                 f"{target.kind} {target.name} does not exist; not restarted",
+            )
+            continue
+        except workloads.NotOptedIn:
+            await rt.events.warning(
+                obj,
+                "RolloutTargetNotOptedIn",
+                f"{target.kind} {target.name} was not restarted: it must list this DataKey "
+                f"in its annotation {workloads.OPT_IN_ANNOTATION}",
             )
             continue
         if patched:

@@ -26,13 +26,21 @@ from kustody.domain.specs import (
     ROTATE_ANNOTATION,
     DeletionPolicy,
     KeyRingSpec,
+    NamespaceSelector,
     Rewrap,
     RotationPolicySpec,
     parse_restore_request,
 )
 from kustody.domain.timestamps import format_time, parse_time
-from kustody.handlers.runtime import Runtime, datakey_keyring, matters_to_datakeys
-from kustody.hsm.client import HsmError, VersionState
+from kustody.handlers.runtime import (
+    Runtime,
+    datakey_keyring,
+    is_datakey_secret,
+    matters_to_datakeys,
+    status_secret_name,
+)
+from kustody.handlers.store import key_of
+from kustody.hsm.client import HsmError, Reason, VersionState
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
 
 FINALIZER = "kustody.io/keyring-protection"
@@ -40,7 +48,15 @@ RESYNC_SECONDS = 300.0
 _TOKEN_STATE = {
     VersionState.ENABLED: State.ENABLED,
     VersionState.DISABLED: State.DISABLED,
+    VersionState.DESTROY_SCHEDULED: State.DESTROY_SCHEDULED,
     VersionState.DESTROYED: State.DESTROYED,
+}
+# What the token must say for each state of the status (the sidecar keeps its own record of
+# a scheduled destruction and refuses DestroyVersion before its minimum waiting period).
+_WANT_TOKEN = {
+    State.ENABLED: VersionState.ENABLED,
+    State.DISABLED: VersionState.DISABLED,
+    State.DESTROY_SCHEDULED: VersionState.DESTROY_SCHEDULED,
 }
 
 
@@ -133,13 +149,13 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
             await _rotate_if_due(p, policy)
         restore, restore_request = await _restore_request(p)
         destroying = deleting and spec.deletion_policy is DeletionPolicy.DESTROY
-        refs = await _references(rt, name, fresh=False)
+        refs = await _references(rt, name, spec.allowed, fresh=False)
         plan = lifecycle.plan(
             p.versions, p.primary, policy, refs, p.now, deleting=destroying, restore=restore
         )
         if plan.actions:
             # Act only on what the API server says right now, not on the cache.
-            refs = await _references(rt, name, fresh=True)
+            refs = await _references(rt, name, spec.allowed, fresh=True)
             plan = lifecycle.plan(
                 p.versions, p.primary, policy, refs, p.now, deleting=destroying, restore=restore
             )
@@ -152,6 +168,16 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
                 p.obj, "RetirementBlocked", f"version {version} is not disabled: {why}"
             )
     except HsmError as exc:
+        if exc.reason is Reason.KEY_NOT_TRUSTED:
+            # Reachable, but the token holds a key object Kustody did not make (e.g. planted
+            # by another user of a shared partition): nothing is adopted or used.
+            p.conditions += [
+                Condition("HSMReachable", True, "Reachable", "the HSM sidecar answers"),
+                Condition("Ready", False, "KeyNotTrusted", exc.message),
+            ]
+            await p.save()
+            await rt.events.warning(p.obj, "KeyNotTrusted", exc.message)
+            return 60.0
         p.conditions += [
             Condition("HSMReachable", False, _camel(exc.reason), exc.message),
             Condition(
@@ -175,7 +201,7 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
         return 1.0 if wait is not None and plan.actions else wait
 
     decision = decide(p.now, parse_time(p.status.get("lastRotationAt")), policy, None, None)
-    refs = await _references(rt, name, fresh=False)
+    refs = await _references(rt, name, spec.allowed, fresh=False)
     _summarise(p, spec, policy, policy_problem, refs, decision.next_at)
     await p.save()
 
@@ -246,7 +272,7 @@ async def _check_hsm(p: _Pass) -> None:
                 f"version {v.version} in the HSM has fingerprint {info.fingerprint}, "
                 f"expected {v.fingerprint}; nothing is changed until this is resolved",
             )
-        want = VersionState.ENABLED if v.state is State.ENABLED else VersionState.DISABLED
+        want = _WANT_TOKEN[v.state]
         if info.state is not want:
             await p.rt.call_hsm(
                 "SetVersionState", p.rt.hsm.set_version_state(p.name, v.version, want)
@@ -303,33 +329,42 @@ async def _restore_request(p: _Pass) -> tuple[frozenset[int], str | None]:
         return frozenset(), value
 
 
-async def _references(rt: Runtime, keyring: str, *, fresh: bool) -> References:
-    """Which versions DataKeys (by status and by their Secret) and Secrets still use."""
+async def _references(
+    rt: Runtime, keyring: str, allowed: NamespaceSelector, *, fresh: bool
+) -> References:
+    """Which versions DataKeys still use: by their status and by their own Secret.
+
+    Only DataKeys in namespaces the KeyRing allows count, and a Secret counts only as the
+    Secret of such a DataKey (controlled by it, named by its status). A Secret that merely
+    carries Kustody's labels is nobody's reference: a tenant cannot re-enable a version,
+    hold off a destruction or block crypto-shredding with it.
+    """
     datakeys: Sequence[Mapping[str, Any]]
-    secrets: Sequence[Mapping[str, Any]]
+    secrets: Mapping[tuple[str, str], Mapping[str, Any]]
     if fresh:
         datakeys = [d for d in await rt.kube.list(DATAKEYS) if datakey_keyring(d) == keyring]
-        secrets = await rt.kube.list(
+        listed, _ = await rt.kube.list_metadata(
             SECRETS, label_selector=f"{MANAGED_BY}={MANAGER},{LABEL_KEYRING}={keyring}"
         )
-        for s in secrets:
-            rt.secrets.put(s)
+        secrets = {key_of(s): s for s in listed}
     else:
-        datakeys = list(rt.datakeys.by_index(keyring))
-        secrets = list(rt.secrets.by_index(keyring))
-    by_secret = {
-        (s["metadata"].get("namespace"), s["metadata"]["name"]): _secret_version(s) for s in secrets
-    }
+        datakeys = rt.datakeys.by_index(keyring)
+        secrets = {key_of(s): s for s in rt.secrets.by_index(keyring)}
     dk_counts: collections.Counter[int] = collections.Counter()
+    secret_counts: collections.Counter[int] = collections.Counter()
     for dk in datakeys:
+        namespace = str(dk["metadata"].get("namespace") or "")
+        if not rt.namespace_allowed(allowed, namespace):
+            continue
         used: set[int] = set()
         if v := (dk.get("status") or {}).get("keyRingVersion"):
             used.add(int(v))
-        secret_name = (dk.get("spec") or {}).get("secretName")
-        if (sv := by_secret.get((dk["metadata"].get("namespace"), secret_name))) is not None:
+        secret = secrets.get((namespace, status_secret_name(dk) or ""))
+        sv = _secret_version(secret) if secret is not None else None
+        if secret is not None and sv is not None and is_datakey_secret(secret, dk):
             used.add(sv)
+            secret_counts[sv] += 1
         dk_counts.update(used)
-    secret_counts = collections.Counter(v for v in by_secret.values() if v is not None)
     return References(dict(dk_counts), dict(secret_counts))
 
 
@@ -354,8 +389,21 @@ async def _apply(
                 "SetVersionState",
                 p.rt.hsm.set_version_state(p.name, v.version, VersionState.ENABLED),
             )
+        elif action.kind is ActionKind.SCHEDULE_DESTROY:
+            await p.rt.call_hsm(
+                "SetVersionState",
+                p.rt.hsm.set_version_state(p.name, v.version, VersionState.DESTROY_SCHEDULED),
+            )
         elif action.kind is ActionKind.DESTROY:
-            await p.rt.call_hsm("DestroyVersion", p.rt.hsm.destroy_version(p.name, v.version))
+            try:
+                await p.rt.call_hsm("DestroyVersion", p.rt.hsm.destroy_version(p.name, v.version))
+            except HsmError as exc:
+                if exc.reason is not Reason.DESTRUCTION_NOT_DUE:
+                    raise
+                # The HSM's own waiting period is longer than the status says (e.g. the
+                # schedule reached the token later): it wins; try again later.
+                await p.rt.events.warning(p.obj, "DestructionNotDue", exc.message)
+                continue
         new = lifecycle.apply(v, action, p.now, policy)
         by_version[v.version] = new
         p.set_versions(list(by_version.values()))

@@ -23,6 +23,7 @@ from kustody.hsm.client import HsmClient, HsmError
 from kustody.kube.api import Kube, load_api_client
 from kustody.kube.errors import Conflict, KubeError, NotFound
 from kustody.kube.events import EventRecorder
+from kustody.kube.informer import MetadataInformer
 from kustody.kube.leader import LeaderElector
 from kustody.kube.resources import DATAKEYS, KEYRINGS, NAMESPACES, ROTATION_POLICIES, SECRETS
 
@@ -68,20 +69,32 @@ class OperatorConfig:
     hsm_timeout: float = 10.0
 
 
-async def _sync(rt: Runtime) -> None:
-    """Fill every store from a LIST before any reconcile runs (no decisions on a half cache)."""
-    kinds = (
-        (rt.keyrings, KEYRINGS, None),
-        (rt.datakeys, DATAKEYS, None),
-        (rt.policies, ROTATION_POLICIES, None),
-        (rt.secrets, SECRETS, f"{MANAGED_BY}={MANAGER}"),
-        (rt.namespaces, NAMESPACES, None),
+def secret_informer(rt: Runtime) -> MetadataInformer:
+    """Secrets are watched as metadata only (their data never enters the operator)."""
+    return MetadataInformer(
+        rt.kube,
+        SECRETS,
+        lambda kind, obj: watch.secret_event(rt, kind, obj),
+        lambda items: watch.secrets_relisted(rt, items),
+        label_selector=f"{MANAGED_BY}={MANAGER}",
     )
-    for store, res, selector in kinds:
-        for obj in await rt.kube.list(res, label_selector=selector):
+
+
+async def _sync(rt: Runtime, secrets: MetadataInformer) -> None:
+    """Fill every store from a LIST before any reconcile runs (no decisions on a half cache).
+    DataKeys come before Secrets: a Secret is kept only if its DataKey is known."""
+    kinds = (
+        (rt.keyrings, KEYRINGS),
+        (rt.datakeys, DATAKEYS),
+        (rt.policies, ROTATION_POLICIES),
+        (rt.namespaces, NAMESPACES),
+    )
+    for store, res in kinds:
+        for obj in await rt.kube.list(res):
             obj.setdefault("apiVersion", res.api_version)
             obj.setdefault("kind", res.kind)
             store.put(obj)
+    await secrets.sync()
     _enqueue_all(rt)
 
 
@@ -235,9 +248,10 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
                 return 0
             stopping.cancel()
         log.info("operator %s is active; syncing caches", identity)
+        secrets = secret_informer(rt)
         while True:
             try:
-                await _sync(rt)
+                await _sync(rt, secrets)
                 break
             except NotFound:
                 log.error(
@@ -264,6 +278,7 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
                 ),
                 name="kopf",
             ),
+            asyncio.create_task(secrets.run(), name="secrets-watch"),
             asyncio.create_task(_resync(rt, config.resync_seconds), name="resync"),
             asyncio.create_task(_watch_hsm(rt, config.health_seconds), name="hsm-health"),
             *(asyncio.create_task(_worker(rt), name=f"worker-{i}") for i in range(config.workers)),

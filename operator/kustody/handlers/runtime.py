@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kustody.domain.secret import LABEL_KEYRING, MANAGED_BY, MANAGER
-from kustody.domain.specs import REWRAP_ANNOTATION
+from kustody.domain.specs import REWRAP_ANNOTATION, NamespaceSelector
 from kustody.handlers.batcher import Batcher
 from kustody.handlers.metrics import OperatorMetrics
 from kustody.handlers.store import Obj, Store
@@ -17,6 +17,7 @@ from kustody.handlers.workqueue import WorkQueue
 from kustody.hsm.client import Binding, DataKey, GenerateItem, HsmClient, HsmError, ReWrapped
 from kustody.kube.api import Kube
 from kustody.kube.events import EventRecorder
+from kustody.kube.resources import GROUP
 
 T = TypeVar("T")
 QueueKey = tuple[str, str, str]  # (kind, namespace or "", name)
@@ -37,6 +38,64 @@ def _secret_keyring(obj: Obj) -> str | None:
         return None
     name = labels.get(LABEL_KEYRING)
     return str(name) if name else None
+
+
+def controller_ref(obj: Obj) -> tuple[str, str] | None:
+    """(name, uid) of the DataKey that controls ``obj`` (a Secret), if one does."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if (
+            ref.get("controller")
+            and ref.get("kind") == "DataKey"
+            and str(ref.get("apiVersion") or "").startswith(f"{GROUP}/")
+            and ref.get("name")
+            and ref.get("uid")
+        ):
+            return str(ref["name"]), str(ref["uid"])
+    return None
+
+
+def status_secret_name(datakey: Obj) -> str | None:
+    """The Secret a DataKey's status says it publishes (written before the Secret is)."""
+    name = ((datakey.get("status") or {}).get("secretRef") or {}).get("name")
+    return str(name) if name else None
+
+
+def is_datakey_secret(secret: Obj, datakey: Obj | None) -> bool:
+    """Whether ``secret`` is the one ``datakey`` publishes: controlled by that DataKey (uid)
+    and named by its status. Labels alone prove nothing: anyone who may create Secrets can
+    set them."""
+    if datakey is None:
+        return False
+    meta, dk_meta = secret.get("metadata") or {}, datakey.get("metadata") or {}
+    return (
+        meta.get("namespace") == dk_meta.get("namespace")
+        and (controller_ref(secret) or ("", ""))[1] == dk_meta.get("uid")
+        and status_secret_name(datakey) == meta.get("name")
+    )
+
+
+_SECRET_META = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
+MAX_CACHED_SECRET_DATA = 64 * 1024
+
+
+def trim_secret(secret: Obj) -> dict[str, Any]:
+    """What the store keeps of a Secret: identifying metadata, and ``data`` only when it came
+    with the object and is small (a Secret the operator wrote). Metadata-only entries make
+    the reconciler GET the Secret when it needs the data."""
+    meta = secret.get("metadata") or {}
+    kept: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {k: meta[k] for k in _SECRET_META if k in meta},
+    }
+    if meta.get("ownerReferences"):
+        kept["metadata"]["ownerReferences"] = [dict(r) for r in meta["ownerReferences"]]
+    data = secret.get("data")
+    if isinstance(data, Mapping):
+        size = sum(len(k) + len(str(v)) for k, v in data.items())
+        if size <= MAX_CACHED_SECRET_DATA:
+            kept["data"] = dict(data)
+    return kept
 
 
 def keyring_policy(obj: Obj) -> str | None:
@@ -94,6 +153,35 @@ class Runtime:
 
     def enqueue(self, kind: str, namespace: str | None, name: str, delay: float = 0.0) -> None:
         self.queue.add((kind, namespace or "", name), delay)
+
+    def namespace_allowed(self, allowed: NamespaceSelector, namespace: str) -> bool:
+        """Whether a KeyRing's ``allowedNamespaces`` lets ``namespace`` in (cached labels)."""
+        ns_obj = self.namespaces.get(None, namespace)
+        labels = ((ns_obj or {}).get("metadata") or {}).get("labels") or {}
+        return allowed.allows(namespace, labels if ns_obj is not None else None)
+
+    def secret_of(self, datakey: Obj) -> Obj | None:
+        """The cached Secret ``datakey`` publishes, if the cache holds a genuine one."""
+        name = status_secret_name(datakey)
+        if name is None:
+            return None
+        secret = self.secrets.get(datakey["metadata"].get("namespace"), name)
+        return secret if secret is not None and is_datakey_secret(secret, datakey) else None
+
+    def admit_secret(self, secret: Obj) -> bool:
+        """Keep ``secret`` (trimmed) if it is a DataKey's own; returns whether the store changed.
+        Anything else that carries Kustody's labels is ignored: it is neither cached nor
+        counted, so no tenant can make the operator hold its Secrets or steer a KeyRing."""
+        meta = secret.get("metadata") or {}
+        namespace, name = meta.get("namespace"), str(meta.get("name") or "")
+        ref = controller_ref(secret)
+        owner = self.datakeys.get(namespace, ref[0]) if ref is not None else None
+        if owner is None or not is_datakey_secret(secret, owner):
+            if self.secrets.get(namespace, name) is not None:
+                self.secrets.delete(namespace, name)
+                return True
+            return False
+        return self.secrets.put(trim_secret(secret))
 
     def enqueue_datakeys_of(self, keyring: str, delay: float = 0.0) -> None:
         for dk in self.datakeys.by_index(keyring):

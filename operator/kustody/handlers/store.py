@@ -40,12 +40,17 @@ class Store:
     def get(self, namespace: str | None, name: str) -> Obj | None:
         return self._objects.get((namespace or "", name))
 
-    def put(self, obj: Obj) -> bool:
-        """Store ``obj`` unless we already hold it or a newer version; returns whether it did."""
+    def put(self, obj: Obj, *, refresh: bool = False) -> bool:
+        """Store ``obj`` unless we already hold it or a newer version; returns whether it did.
+        ``refresh``: also replace an entry of the same version (a fuller copy of it)."""
         key = key_of(obj)
         old = self._objects.get(key)
         new_rv, old_rv = _rv(obj), _rv(old) if old is not None else None
-        if old_rv is not None and new_rv is not None and new_rv <= old_rv:
+        if (
+            old_rv is not None
+            and new_rv is not None
+            and (new_rv < old_rv or (new_rv == old_rv and not refresh))
+        ):
             return False
         self._objects[key] = obj
         self._reindex(key, obj)

@@ -1,4 +1,5 @@
-"""Kopf registrations: watch events fill the stores and queue the affected objects.
+"""Watch events fill the stores and queue the affected objects (Kopf for the custom
+resources and Namespaces; a metadata-only informer for Secrets, see ``secret_event``).
 
 The handlers here do no work themselves (no API calls, no HSM calls); they only record the
 latest object and decide what must be looked at again. Reconciling happens in workers.
@@ -6,7 +7,8 @@ latest object and decide what must be looked at again. Reconciling happens in wo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -17,12 +19,15 @@ from kustody.handlers.runtime import (
     KEYRING,
     POLICY,
     Runtime,
+    controller_ref,
     datakey_keyring,
     keyring_policy,
     matters_to_datakeys,
 )
 from kustody.handlers.store import Obj, Store, key_of
 from kustody.kube.resources import GROUP, VERSION
+
+log = logging.getLogger(__name__)
 
 
 def _record(store: Store, event: Mapping[str, Any]) -> tuple[Obj | None, Obj, bool]:
@@ -69,15 +74,6 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         for kr in rt.keyrings.by_index(name):
             rt.enqueue(KEYRING, None, kr["metadata"]["name"])
 
-    @kopf.on.event("", "v1", "secrets", registry=registry)
-    async def secret_event(event: Mapping[str, Any], **_: Any) -> None:
-        labels = (event["object"].get("metadata") or {}).get("labels") or {}
-        if labels.get(MANAGED_BY) != MANAGER:  # the server-side selector already ensures it
-            return
-        _old, obj, changed = _record(rt.secrets, event)
-        if changed and (owner := labels.get(LABEL_DATAKEY)):
-            rt.enqueue(DATAKEY, obj["metadata"].get("namespace"), owner)
-
     @kopf.on.event("", "v1", "namespaces", registry=registry)
     async def namespace_event(event: Mapping[str, Any], **_: Any) -> None:
         old, obj, changed = _record(rt.namespaces, event)
@@ -86,6 +82,43 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             for dk in rt.datakeys.values():
                 if dk["metadata"].get("namespace") == name:
                     rt.enqueue(DATAKEY, name, dk["metadata"]["name"])
+            # Which namespaces a selector allows decides which references count.
+            for ring in rt.keyrings:
+                rt.enqueue(KEYRING, None, ring[1], delay=1.0)
+
+
+def secret_event(rt: Runtime, kind: str, secret: Obj) -> None:
+    """A metadata-only Secret event (kube.informer): keep DataKeys' own Secrets current and
+    look again at the DataKey whose Secret changed. Other Secrets, whatever labels they
+    carry, cause no work."""
+    meta = secret.get("metadata") or {}
+    namespace, name = meta.get("namespace"), str(meta.get("name") or "")
+    held = rt.secrets.get(namespace, name)
+    if kind == "DELETED":
+        if held is None:
+            return
+        rt.secrets.delete(namespace, name)
+        changed = True
+    else:
+        changed = rt.admit_secret(secret)
+    if not changed:
+        if held is None and (meta.get("labels") or {}).get(MANAGED_BY) == MANAGER:
+            log.debug("ignoring Secret %s/%s: not a DataKey's own Secret", namespace, name)
+        return
+    owner = controller_ref(held or secret)
+    dk_name = owner[0] if owner else (meta.get("labels") or {}).get(LABEL_DATAKEY)
+    if dk_name:
+        rt.enqueue(DATAKEY, namespace, str(dk_name))
+
+
+def secrets_relisted(rt: Runtime, secrets: Sequence[Obj]) -> None:
+    """After a (re)list: forget held Secrets that are gone, take in the rest."""
+    present = {key_of(s) for s in secrets}
+    for namespace, name in rt.secrets:
+        if (namespace, name) not in present:
+            secret_event(rt, "DELETED", {"metadata": {"namespace": namespace, "name": name}})
+    for secret in secrets:
+        secret_event(rt, "MODIFIED", secret)
 
 
 def _labels(obj: Obj | None) -> Any:
@@ -98,5 +131,4 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.enabled = False  # Events are ours, deduplicated (kube.events)
     settings.watching.server_timeout = 270  # streams silently die without it (kopf #585)
     settings.watching.client_timeout = 300
-    settings.watching.label_selectors["secrets"] = f"{MANAGED_BY}={MANAGER}"
     settings.networking.request_timeout = 60

@@ -7,6 +7,7 @@ blocking HTTP calls on a dedicated thread pool so that reconcilers stay async.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import time
@@ -22,6 +23,8 @@ from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
 from kustody.kube.resources import Resource
 
 MERGE_PATCH = "application/merge-patch+json"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA_ITEM = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 JSON_PATCH = "application/json-patch+json"
 
 Observer = Callable[[str, str, int, float], None]
@@ -59,10 +62,11 @@ class Kube:
         content_type: str = "application/json",
         query: Mapping[str, str] | None = None,
         kind: str = "",
+        accept: str = "application/json",
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, self._request, method, path, body, content_type, query, kind
+            self._pool, self._request, method, path, body, content_type, query, kind, accept
         )
 
     def _request(
@@ -73,6 +77,7 @@ class Kube:
         content_type: str,
         query: Mapping[str, str] | None,
         kind: str,
+        accept: str,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         status = 0
@@ -83,7 +88,7 @@ class Kube:
                 method,
                 path,
                 query_params=list((query or {}).items()),
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": accept},
                 body=body,
                 auth_settings=["BearerToken"],
             )
@@ -125,6 +130,69 @@ class Kube:
         result = await self.request("GET", res.path(None, namespace), query=query, kind=res.kind)
         items: list[dict[str, Any]] = result.get("items", [])
         return items
+
+    async def list_metadata(
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        *,
+        page_size: int = 500,
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every object's metadata only (PartialObjectMetadata), page by page: a Secret's
+        data never crosses the wire. Returns the items and the list's resourceVersion."""
+        items: builtins.list[dict[str, Any]] = []
+        query: dict[str, str] = {"limit": str(page_size)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        while True:
+            page = await self.request(
+                "GET", res.path(None, namespace), query=query, kind=res.kind, accept=METADATA_LIST
+            )
+            items.extend(page.get("items") or ())
+            meta = page.get("metadata") or {}
+            if not meta.get("continue"):
+                return items, str(meta.get("resourceVersion") or "")
+            query["continue"] = str(meta["continue"])
+
+    def open_watch(
+        self,
+        res: Resource,
+        resource_version: str,
+        *,
+        label_selector: str | None = None,
+        timeout_seconds: int = 270,
+        metadata_only: bool = False,
+    ) -> Any:
+        """A blocking watch response to read line by line (``read_watch_lines``); call from
+        a thread. Each line is one JSON watch event."""
+        query = [
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        _method, url, headers, payload, post = self._api.param_serialize(
+            "GET",
+            res.path(None, None),
+            query_params=query,
+            header_params={"Accept": METADATA_ITEM if metadata_only else "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._api.call_api(
+                "GET", url, header_params=headers, body=payload, post_params=post,
+                _request_timeout=(10, timeout_seconds + 30),
+            )  # fmt: skip
+        except ApiException as exc:
+            raise _error(int(exc.status or 0), exc.body) from None
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise Unavailable(0, "Unreachable", type(exc).__name__) from None
+        if int(response.status) >= 400:
+            raise _error(int(response.status), response.read())
+        return response.response
 
     async def create(
         self, res: Resource, body: Mapping[str, Any], namespace: str | None = None

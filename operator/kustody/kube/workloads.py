@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from kustody.kube.api import JSON_PATCH, Kube
 from kustody.kube.resources import WORKLOADS
 
 # One annotation per DataKey (DataKey names are at most 63 characters, a valid name part).
 ANNOTATION_PREFIX = "dk.kustody.io/"
+# On the workload itself: the DataKeys (comma-separated names) that may restart it. Writing a
+# DataKey must not be enough to restart any workload of the namespace.
+OPT_IN_ANNOTATION = "kustody.io/allow-rollout-restart"
+
+
+class NotOptedIn(Exception):
+    """The workload does not name the DataKey in its opt-in annotation."""
+
+
+def opted_in(workload: Mapping[str, Any], datakey: str) -> bool:
+    annotations = (workload.get("metadata") or {}).get("annotations") or {}
+    names = str(annotations.get(OPT_IN_ANNOTATION) or "")
+    return datakey in {n.strip() for n in names.split(",")}
 
 
 def restart_annotation(datakey: str) -> str:
@@ -20,10 +36,13 @@ async def restart(
 
     Idempotent: a workload whose template already carries this generation is left alone, so
     a retry or a crash-restart never causes a second rollout. Returns whether it patched.
-    Raises ``kustody.kube.errors.NotFound`` if the workload does not exist.
+    Raises ``kustody.kube.errors.NotFound`` if the workload does not exist and
+    :class:`NotOptedIn` if it does not allow ``datakey`` to restart it.
     """
     res = WORKLOADS[kind]
     live = await kube.get(res, name, namespace)
+    if not opted_in(live, datakey):
+        raise NotOptedIn(f"{kind} {name} does not list {datakey} in {OPT_IN_ANNOTATION}")
     template_meta = live.get("spec", {}).get("template", {}).get("metadata") or {}
     annotations = template_meta.get("annotations") or {}
     key = restart_annotation(datakey)
