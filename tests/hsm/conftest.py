@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,7 +45,9 @@ def token_config(hsm_token: SoftHSMToken) -> TokenConfig:
 
 @pytest.fixture(scope="session")
 def connection(token_config: TokenConfig) -> Iterator[HsmConnection]:
-    conn = HsmConnection(token_config)
+    # No waiting period between scheduling a destruction and destroying (tests of the
+    # waiting period itself start sidecars of their own).
+    conn = HsmConnection(token_config, min_destroy_delay=0)
     health = asyncio.run(conn.start())
     assert health.serving, health
     yield conn
@@ -78,7 +80,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 async def running_sidecar(
     directory: Path, token: TokenConfig, **options: Any
 ) -> AsyncIterator[Sidecar]:
-    """An in-process sidecar on unix sockets in ``directory``."""
+    """An in-process sidecar on unix sockets in ``directory`` (no destruction waiting period
+    unless ``min_destroy_delay`` is given)."""
+    options.setdefault("min_destroy_delay", 0.0)
     config = SidecarConfig(token=token, socket=directory / "hsm.sock", **options)
     sidecar = Sidecar(config)
     await sidecar.start()
@@ -108,18 +112,34 @@ class SidecarProcess:
 
 
 def start_process(
-    directory: Path, token: SoftHSMToken, *args: str, pin_file: Path | None = None
+    directory: Path,
+    token: SoftHSMToken,
+    *args: str,
+    pin_file: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    user: int | None = None,
 ) -> SidecarProcess:
+    """``kustody hsm`` on ``token``, with no destruction waiting period unless ``args`` give
+    ``--min-destroy-delay`` (the last one wins)."""
     socket = directory / "proc.sock"
     log = directory / "sidecar.log"
     env = {**os.environ, **token.env, "KUSTODY_HSM_PIN_FILE": str(pin_file or token.pin_file)}
     command = [
         sys.executable, "-m", "kustody", "hsm", "--module", str(token.module),
         "--token-label", token.label, "--socket", str(socket), "--health-interval", "0.2",
-        "--log-level", "DEBUG", *args,
+        "--log-level", "DEBUG", "--min-destroy-delay", "0s", *args,
     ]  # fmt: skip
     with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 (tests only: set limits before exec)
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
+        )
     deadline = time.monotonic() + 20
     while not socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:

@@ -217,7 +217,7 @@ def test_request_faults_are_typed_and_the_process_keeps_serving(
             # Destroyed version: v1 disabled and destroyed; v2 is the primary.
             await hsm.create_key_version("r", 2)
             old = await hsm.generate_data_key("r", BINDING, version=1)
-            await hsm.set_version_state("r", 1, VersionState.DISABLED)
+            await hsm.set_version_state("r", 1, VersionState.DESTROY_SCHEDULED)
             await hsm.destroy_version("r", 1)
             assert await _reason(hsm.rewrap(old.wrapped, BINDING)) is Reason.VERSION_DESTROYED
             assert await _reason(hsm.create_key_version("r", 1)) is Reason.VERSION_DESTROYED

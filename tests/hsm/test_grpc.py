@@ -17,6 +17,7 @@ from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
+from kustody.hsm.access import ClientRoles, Role
 from kustody.hsm.client import GenerateItem, HsmClient
 from kustody.hsm.errors import HsmError, Reason
 from kustody.hsm.keyservice import CHUNK_ITEMS
@@ -98,6 +99,9 @@ def test_operator_flow_over_the_socket(
                 is Reason.VERSION_DISABLED
             )
             assert await _reason(hsm.destroy_version(ring, 2)) is Reason.VERSION_NOT_DISABLED
+            assert await _reason(hsm.destroy_version(ring, 1)) is Reason.DESTRUCTION_NOT_DUE
+            scheduled = await hsm.set_version_state(ring, 1, VersionState.DESTROY_SCHEDULED)
+            assert scheduled.state is VersionState.DESTROY_SCHEDULED
             destroyed = await hsm.destroy_version(ring, 1)
             assert destroyed.state is VersionState.DESTROYED
             assert (
@@ -277,8 +281,9 @@ def test_tcp_requires_client_certificate(tmp_path: Path, token_config: TokenConf
     tls = TlsConfig(tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem")
 
     async def main() -> None:
+        roles = ClientRoles({"DNS:localhost": Role.OPERATOR})
         async with running_sidecar(
-            tmp_path, token_config, listen="127.0.0.1:0", tls=tls
+            tmp_path, token_config, listen="127.0.0.1:0", tls=tls, client_roles=roles
         ) as sidecar:
             target = f"localhost:{sidecar.tcp_port}"
             async with HsmClient.tcp(

@@ -186,6 +186,15 @@ def test_disabled_version_refuses_and_destroy_needs_disabled(
     run(key_service.set_version_state(ring, 1, VersionState.ENABLED))
     assert run(key_service.decrypt(generated.envelope, BINDING))
     run(key_service.set_version_state(ring, 1, VersionState.DISABLED))
+    # DISABLED is not enough: destruction must be scheduled first (the waiting period is 0 here).
+    _expect(Reason.DESTRUCTION_NOT_DUE, key_service.destroy_version(ring, 1))
+    scheduled = run(key_service.set_version_state(ring, 1, VersionState.DESTROY_SCHEDULED))
+    assert scheduled.state is VersionState.DESTROY_SCHEDULED
+    _expect(Reason.VERSION_DISABLED, key_service.decrypt(generated.envelope, BINDING))
+    run(connection.rescan())  # the schedule is on the token
+    assert [v.state for v in run(key_service.describe_key(ring)).versions] == [
+        VersionState.DESTROY_SCHEDULED
+    ]
     destroyed = run(key_service.destroy_version(ring, 1))
     assert destroyed.state is VersionState.DESTROYED
     assert run(key_service.destroy_version(ring, 1)) == destroyed

@@ -16,6 +16,9 @@ from kustody.domain.errors import InvalidArgument
 
 LABEL_PREFIX = "kustody:"
 MAX_VERSION = 2**32 - 1
+# The shortest time a KEK version stays DESTROY_SCHEDULED before the HSM sidecar destroys it
+# (the clouds' minimum; the sidecar's --min-destroy-delay lowers it for tests only).
+DEFAULT_MIN_DESTROY_DELAY_SECONDS = 24 * 3600.0
 # A KeyRing is a cluster-scoped object: its name is a DNS-1123 subdomain.
 _KEY_RING = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL = re.compile(r"kustody:(?P<ring>[a-z0-9.-]{1,253}):v(?P<version>[1-9][0-9]{0,9})")
@@ -24,6 +27,9 @@ _LABEL = re.compile(r"kustody:(?P<ring>[a-z0-9.-]{1,253}):v(?P<version>[1-9][0-9
 class VersionState(enum.StrEnum):
     ENABLED = "ENABLED"
     DISABLED = "DISABLED"
+    # Disabled, and the token records since when its destruction is scheduled: DestroyVersion
+    # is accepted only once it has been in this state for the sidecar's minimum waiting period.
+    DESTROY_SCHEDULED = "DESTROY_SCHEDULED"
     DESTROYED = "DESTROYED"
 
 

@@ -44,9 +44,16 @@ T = TypeVar("T")
 _STATES = {
     pb.ENABLED: VersionState.ENABLED,
     pb.DISABLED: VersionState.DISABLED,
+    pb.DESTROY_SCHEDULED: VersionState.DESTROY_SCHEDULED,
     pb.DESTROYED: VersionState.DESTROYED,
 }
-_TO_PB_STATE = {VersionState.ENABLED: pb.ENABLED, VersionState.DISABLED: pb.DISABLED}
+# ENABLED or DISABLED cancel a scheduled destruction; DESTROY_SCHEDULED disables the version
+# and records in the token when (DestroyVersion is accepted only after the waiting period).
+_TO_PB_STATE = {
+    VersionState.ENABLED: pb.ENABLED,
+    VersionState.DISABLED: pb.DISABLED,
+    VersionState.DESTROY_SCHEDULED: pb.DESTROY_SCHEDULED,
+}
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,9 @@ class HsmClient:
         self, key_ring: str, version: int, state: VersionState
     ) -> VersionInfo:
         if state not in _TO_PB_STATE:
-            raise HsmError(Reason.INVALID_ARGUMENT, "state must be ENABLED or DISABLED")
+            raise HsmError(
+                Reason.INVALID_ARGUMENT, "state must be ENABLED, DISABLED or DESTROY_SCHEDULED"
+            )
         request = pb.SetVersionStateRequest(
             key_ring=key_ring, version=version, state=_TO_PB_STATE[state]
         )

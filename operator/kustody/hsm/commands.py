@@ -9,7 +9,10 @@ import os
 import signal
 from pathlib import Path
 
+from kustody.domain.duration import parse_duration
+from kustody.domain.errors import InvalidArgument
 from kustody.errors import UserError
+from kustody.hsm.access import ClientRoles
 from kustody.hsm.pin import PIN_FILE_ENV, pin_file_from
 from kustody.hsm.server import Sidecar, SidecarConfig, TlsConfig, settle_heap
 from kustody.hsm.token import TokenConfig
@@ -57,6 +60,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--tls-client-ca", type=Path, help="CA (PEM) that client certificates must chain to"
     )
+    serve.add_argument(
+        "--client-roles",
+        type=Path,
+        metavar="FILE",
+        help=(
+            "allow-list for --listen (required with it): YAML/JSON mapping client certificate "
+            "identities ('URI:<uri>' or 'DNS:<name>' from the subjectAltName) to a role: "
+            "operator, kms or read-only. Unlisted identities are refused"
+        ),
+    )
     kms = parser.add_argument_group("Kubernetes KMS v2 plugin")
     kms.add_argument("--kms-socket", type=Path, help="unix socket for v2.KeyManagementService")
     kms.add_argument("--kms-keyring", help="KeyRing whose KEK seals kube-apiserver's seeds")
@@ -74,6 +87,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ops.add_argument(
         "--health-interval", type=float, default=5.0, help="seconds between token probes"
     )
+    ops.add_argument(
+        "--min-destroy-delay",
+        default="24h",
+        metavar="DURATION",
+        help=(
+            "how long a version must be DESTROY_SCHEDULED before DestroyVersion is accepted "
+            "(e.g. 24h, 720h; lower only for tests; default: %(default)s)"
+        ),
+    )
     ops.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
 
@@ -82,6 +104,22 @@ def config_from(args: argparse.Namespace) -> SidecarConfig:
     tls_parts = (args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.listen and not all(tls_parts):
         raise UserError("--listen needs --tls-cert, --tls-key and --tls-client-ca (mTLS only)")
+    if args.listen and not args.client_roles:
+        raise UserError(
+            "--listen needs --client-roles FILE: the allow-list of client certificate "
+            "identities (URI:... or DNS:...) and their roles (operator, kms, read-only); "
+            "without it no remote caller could be authorised"
+        )
+    client_roles = None
+    if args.listen:
+        try:
+            client_roles = ClientRoles.load(args.client_roles)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    try:
+        min_destroy_delay = parse_duration(args.min_destroy_delay).total_seconds()
+    except InvalidArgument as exc:
+        raise UserError(f"--min-destroy-delay: {exc}") from None
     if args.kms_socket and not args.kms_keyring:
         raise UserError("--kms-socket needs --kms-keyring")
     if not (args.socket or args.listen or args.kms_socket):
@@ -95,6 +133,8 @@ def config_from(args: argparse.Namespace) -> SidecarConfig:
         socket=Path(args.socket) if args.socket else None,
         listen=args.listen,
         tls=tls,
+        client_roles=client_roles,
+        min_destroy_delay=min_destroy_delay,
         kms_socket=args.kms_socket,
         kms_key_ring=args.kms_keyring,
         kms_version=args.kms_version,

@@ -31,7 +31,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
+from kustody.domain.keyversion import (
+    DEFAULT_MIN_DESTROY_DELAY_SECONDS,
+    KeyVersionRef,
+    VersionInfo,
+    VersionState,
+)
 from kustody.hsm import wire
 from kustody.hsm.errors import HsmError, Reason
 from kustody.hsm.token import TokenConfig
@@ -111,6 +116,7 @@ class _Worker:
         self._fd = sock.fileno()
         self._rbuf = bytearray()
         self._wbuf = bytearray()
+        self._skip = 0  # bytes still to drop of an answer over the frame limit
         sock.setblocking(False)
         loop.add_reader(self._fd, self._readable)
 
@@ -167,13 +173,24 @@ class _Worker:
         if not data:
             self.owner._dead(self)
             return
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
         buf = self._rbuf
         buf += data
         pos, size_all = 0, len(buf)
         unpack = wire.HEADER.unpack_from
+        limit = wire.MAX_BODY_BYTES
         while size_all - pos >= wire.HEADER_BYTES:
             size, request_id, status = unpack(buf, pos)
             start = pos + wire.HEADER_BYTES
+            if size > limit:
+                # Never buffer it: fail its request, drop its body as it arrives.
+                self.owner._refuse(self, request_id, wire.too_large(size, "an answer"))
+                self._skip = max(0, start + size - size_all)
+                pos = min(start + size, size_all)
+                continue
             end = start + size
             if end > size_all:
                 break
@@ -209,11 +226,17 @@ class HsmConnection:
     """One token, one logged-in session in the worker process, reopened when it is lost."""
 
     def __init__(
-        self, config: TokenConfig, *, retry_interval: float = 1.0, op_timeout: float = 30.0
+        self,
+        config: TokenConfig,
+        *,
+        retry_interval: float = 1.0,
+        op_timeout: float = 30.0,
+        min_destroy_delay: float = DEFAULT_MIN_DESTROY_DELAY_SECONDS,
     ) -> None:
         self.config = config
         self.retry_interval = retry_interval
         self.op_timeout = op_timeout
+        self.min_destroy_delay = min_destroy_delay
         self.health = _NOT_YET
         self.snapshot: tuple[VersionInfo, ...] = ()
         self._worker: _Worker | None = None
@@ -256,9 +279,10 @@ class HsmConnection:
         loop = asyncio.get_running_loop()
         worker = self._worker_for(loop)
         request_id = next(self._ids) & 0xFFFFFFFF
+        data = wire.frame(request_id, op, args)  # REQUEST_TOO_LARGE before anything is sent
         timer = loop.call_later(self.op_timeout, self._overdue, worker, request_id)
         worker.pending[request_id] = (waiter, timer)
-        worker.send(wire.frame(request_id, op, args))
+        worker.send(data)
 
     async def rescan(self) -> None:
         """Drop cached key handles and rescan the token, as a restart would."""
@@ -299,6 +323,7 @@ class HsmConnection:
             "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
             "--module", str(config.module), "--label", config.label,
             "--retry-interval", str(self.retry_interval),
+            "--min-destroy-delay", str(self.min_destroy_delay),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         ]  # fmt: skip
         if config.pin_file is not None:
@@ -336,6 +361,16 @@ class HsmConnection:
             waiter.set_result(result)
         else:
             waiter.set_exception(HsmError(_reason(result[0]), result[1]))
+
+    def _refuse(self, worker: _Worker, request_id: int, error: HsmError) -> None:
+        entry = worker.pending.pop(request_id, None)
+        log.error("%s", error.message)
+        if entry is None:
+            return
+        waiter, timer = entry
+        timer.cancel()
+        if not waiter.done():
+            waiter.set_exception(error)
 
     def _overdue(self, worker: _Worker, request_id: int) -> None:
         if worker.dead or request_id not in worker.pending:

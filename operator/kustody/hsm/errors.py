@@ -20,6 +20,14 @@ class Reason(enum.StrEnum):
     VERSION_DESTROYED = "VERSION_DESTROYED"
     VERSION_NOT_DISABLED = "VERSION_NOT_DISABLED"
     NO_PRIMARY_VERSION = "NO_PRIMARY_VERSION"
+    # DestroyVersion on a version not DESTROY_SCHEDULED for the minimum waiting period.
+    DESTRUCTION_NOT_DUE = "DESTRUCTION_NOT_DUE"
+    # The token object with a KEK version's label and ID is not a key Kustody generated
+    # (extractable, not generated in the token, not AES-256, can wrap/unwrap, ...): unused.
+    KEY_NOT_TRUSTED = "KEY_NOT_TRUSTED"
+    # A remote (mTLS) client whose certificate identity is unknown or whose role does not
+    # allow the RPC.
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     PLAINTEXT_EXPORT_FORBIDDEN = "PLAINTEXT_EXPORT_FORBIDDEN"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     TOKEN_UNAVAILABLE = "TOKEN_UNAVAILABLE"  # noqa: S105 (a reason, not a secret)

@@ -13,8 +13,9 @@ Two things keep the two processes busy at once rather than taking turns:
 * concurrent :meth:`KeyService.decrypt` calls made in the same event-loop iteration are
   coalesced into one worker request (one frame each way instead of one per call).
 
-The operator's gRPC servicer, the KMS v2 plugin and (later) an authenticated workload service
-all use this class; each applies its own policy (who may see plaintext) before calling it.
+The operator's gRPC servicer, the KMS v2 plugin and the workload unwrap service
+(:mod:`kustody.unwrap`) all use this class; each applies its own policy (who may call what,
+who may see plaintext) before calling it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ FIRST_CHUNK_ITEMS = 8  # the first chunks are smaller (8, 16, then 32): the work
 DECRYPTS_IN_FLIGHT = 1
 
 T = TypeVar("T")
+# What SetVersionState may set (DESTROYED only through DestroyVersion).
+SETTABLE_STATES = (VersionState.ENABLED, VersionState.DISABLED, VersionState.DESTROY_SCHEDULED)
 
 
 @dataclass(frozen=True)
@@ -254,8 +257,10 @@ class KeyService:
         self, key_ring: str, version: int, state: VersionState
     ) -> VersionInfo:
         ref = _ref(key_ring, version)
-        if state not in (VersionState.ENABLED, VersionState.DISABLED):
-            raise HsmError(Reason.INVALID_ARGUMENT, "the state must be ENABLED or DISABLED")
+        if state not in SETTABLE_STATES:
+            raise HsmError(
+                Reason.INVALID_ARGUMENT, "the state must be ENABLED, DISABLED or DESTROY_SCHEDULED"
+            )
         args = (ref.key_ring, ref.version, str(state))
         return info_from_wire(await self.connection.request(Op.SET_STATE, args))
 
@@ -413,23 +418,10 @@ class KeyService:
         key_id; one trip to the worker. Returns the envelope and the version used."""
         _check_plaintext(plaintext)
         info_wire, nonce, sealed = await self.connection.request(
-            Op.SEAL, (key_ring, version, plaintext, None)
+            Op.SEAL, (key_ring, version, plaintext)
         )
         info = info_from_wire(info_wire)
         return Envelope(info.ref, nonce, sealed), info
-
-    async def seal(
-        self, key_ring: str, version: int | None, plaintext: bytes, binding_for: BindingFor
-    ) -> Envelope:
-        """Seal caller-supplied bytes. ``binding_for`` sees the chosen version (two trips: the
-        version is resolved first; the KMS plugin uses :meth:`seal_kms`, one trip)."""
-        _check_plaintext(plaintext)
-        info = await self.version_info(key_ring, version)
-        binding = binding_for(info).encode()
-        info_wire, nonce, sealed = await self.connection.request(
-            Op.SEAL, (key_ring, info.ref.version, plaintext, binding)
-        )
-        return Envelope(info_from_wire(info_wire).ref, nonce, sealed)
 
 
 def _check_plaintext(plaintext: bytes) -> None:
@@ -438,6 +430,3 @@ def _check_plaintext(plaintext: bytes) -> None:
             Reason.REQUEST_TOO_LARGE if plaintext else Reason.INVALID_ARGUMENT,
             f"plaintext is {len(plaintext)} bytes; allowed 1..{MAX_PLAINTEXT_BYTES}",
         )
-
-
-BindingFor = Callable[[VersionInfo], Binding | KmsBinding]

@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from kustody.domain.keyversion import DEFAULT_MIN_DESTROY_DELAY_SECONDS
 from kustody.hsm._proto import keyservice_pb2_grpc, kms_v2_pb2_grpc
+from kustody.hsm.access import CertificateAccess, ClientRoles, LocalAccess
 from kustody.hsm.connection import HsmConnection
 from kustody.hsm.errors import HsmError
 from kustody.hsm.keyservice import KeyService
@@ -47,6 +49,8 @@ class SidecarConfig:
     socket: Path | None = None
     listen: str | None = None  # host:port, served only with mTLS
     tls: TlsConfig | None = None
+    # Who may call what over TCP (certificate identity -> role); required with ``listen``.
+    client_roles: ClientRoles | None = None
     kms_socket: Path | None = None
     kms_key_ring: str | None = None
     kms_version: int | None = None  # None: the KeyRing's primary version
@@ -54,6 +58,8 @@ class SidecarConfig:
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     health_interval: float = 5.0
+    # Seconds a version must be DESTROY_SCHEDULED before DestroyVersion (tests: 0).
+    min_destroy_delay: float = DEFAULT_MIN_DESTROY_DELAY_SECONDS
 
 
 def _bind_unix(server: grpc.aio.Server, path: Path) -> None:
@@ -67,10 +73,15 @@ class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         if config.listen and config.tls is None:
             raise ValueError("TCP listening needs mTLS (server cert, key and client CA)")
+        if config.listen and config.client_roles is None:
+            raise ValueError(
+                "TCP listening needs an allow-list of client certificate identities and their "
+                "roles (--client-roles FILE)"
+            )
         if config.kms_socket and not config.kms_key_ring:
             raise ValueError("the KMS socket needs a KeyRing (--kms-keyring)")
         self.config = config
-        self.connection = HsmConnection(config.token)
+        self.connection = HsmConnection(config.token, min_destroy_delay=config.min_destroy_delay)
         self.service = KeyService(self.connection)
         self.metrics = Metrics(self.connection)
         self.tcp_port: int | None = None
@@ -84,15 +95,24 @@ class Sidecar:
         if not health.serving:
             log.error("starting without a usable token: %s (%s)", health.message, health.reason)
         config = self.config
-        if config.socket or config.listen:
+        # One server per transport, each with its own access policy: the unix socket is
+        # trusted, TCP callers are authorised by their certificate (never by peer address).
+        if config.socket:
             server = grpc.aio.server(options=_OPTIONS)
             keyservice_pb2_grpc.add_KeyServiceServicer_to_server(  # type: ignore[no-untyped-call]
-                KeyServiceServicer(self.service, self.metrics), server
+                KeyServiceServicer(self.service, self.metrics, LocalAccess()), server
             )
-            if config.socket:
-                _bind_unix(server, config.socket)
-            if config.listen and config.tls:
-                self.tcp_port = server.add_secure_port(config.listen, _credentials(config.tls))
+            _bind_unix(server, config.socket)
+            self._servers.append(server)
+        if config.listen and config.tls and config.client_roles is not None:
+            server = grpc.aio.server(options=_OPTIONS)
+            keyservice_pb2_grpc.add_KeyServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                KeyServiceServicer(
+                    self.service, self.metrics, CertificateAccess(config.client_roles)
+                ),
+                server,
+            )
+            self.tcp_port = server.add_secure_port(config.listen, _credentials(config.tls))
             self._servers.append(server)
         if config.kms_socket and config.kms_key_ring:
             self.kms = KmsServicer(

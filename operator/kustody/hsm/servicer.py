@@ -1,21 +1,33 @@
 """The operator-facing gRPC KeyService: protobuf in, KeyService calls, protobuf out.
 
-Policy lives here, not in :class:`KeyService`: plaintext DEKs leave only when the caller asks
-and states that the KeyRing's ``spec.allowPlaintextExport`` is true. A future workload service
-(authenticated by ServiceAccount token) wraps the same KeyService with its own policy.
+Policy lives here, not in :class:`KeyService`:
+
+* who may call which RPC (:mod:`kustody.hsm.access`): the pod-local unix socket is trusted;
+  over TCP the client certificate's identity must be allow-listed with a role that includes
+  the RPC;
+* plaintext DEKs leave only on the unix socket, when the caller asks and states that the
+  KeyRing's ``spec.allowPlaintextExport`` is true; over TCP never, whatever the request says;
+* audited calls leave one JSON line each (:mod:`kustody.hsm.audit`).
+
+The workload unwrap service (:mod:`kustody.unwrap`) uses the same KeyService with its own
+authorisation (ServiceAccount tokens), not this servicer.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError
 from kustody.domain.keyversion import VersionInfo, VersionState
+from kustody.hsm import audit
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
+from kustody.hsm.access import LOCAL, Access, Caller, LocalAccess
 from kustody.hsm.errors import HsmError, Reason, from_domain
 from kustody.hsm.keyservice import (
     DEFAULT_DEK_BYTES,
@@ -35,9 +47,52 @@ R = TypeVar("R")
 _STATES = {
     VersionState.ENABLED: pb.ENABLED,
     VersionState.DISABLED: pb.DISABLED,
+    VersionState.DESTROY_SCHEDULED: pb.DESTROY_SCHEDULED,
     VersionState.DESTROYED: pb.DESTROYED,
 }
-_FROM_PB_STATE = {pb.ENABLED: VersionState.ENABLED, pb.DISABLED: VersionState.DISABLED}
+_FROM_PB_STATE = {
+    pb.ENABLED: VersionState.ENABLED,
+    pb.DISABLED: VersionState.DISABLED,
+    pb.DESTROY_SCHEDULED: VersionState.DESTROY_SCHEDULED,
+}
+# Always audited, whoever calls and however it ends.
+_AUDITED = frozenset({"CreateKeyVersion", "SetVersionState", "DestroyVersion", "Decrypt"})
+# Refusals by policy: audited on every RPC.
+_REFUSALS = frozenset(
+    str(r)
+    for r in (
+        Reason.PERMISSION_DENIED,
+        Reason.PLAINTEXT_EXPORT_FORBIDDEN,
+        Reason.KEY_NOT_TRUSTED,
+        Reason.DESTRUCTION_NOT_DUE,
+        Reason.VERSION_NOT_DISABLED,
+    )
+)
+_MAX_RINGS_NOTED = 8
+
+
+@dataclass
+class _Note:
+    """What the audit line of one call says about its target."""
+
+    key_ring: str = ""
+    version: int = 0
+    items: int = 0
+    plaintext: bool = False  # the call asked for plaintext
+
+    def rings(self, names: Iterator[str]) -> None:
+        distinct = sorted(set(names))
+        more = len(distinct) - _MAX_RINGS_NOTED
+        self.key_ring = ",".join(distinct[:_MAX_RINGS_NOTED]) + (f",+{more}" if more > 0 else "")
+
+
+def audited(op: str, caller: Caller, note: _Note, outcome: str) -> bool:
+    return (
+        op in _AUDITED
+        or note.plaintext
+        or (not caller.local and op != "Health")
+        or outcome in _REFUSALS
+    )
 
 
 def version_pb(info: VersionInfo) -> pb.KeyVersion:
@@ -54,16 +109,23 @@ def binding_from(message: pb.Binding) -> Binding:
     return Binding(message.namespace, message.name, {k: context[k] for k in context})
 
 
-def error_pb(error: HsmError) -> pb.ItemError:
-    return pb.ItemError(reason=str(error.reason), message=error.message)
-
-
-def _generate_request(message: pb.GenerateDataKeyRequest) -> GenerateRequest:
-    if message.return_plaintext and not message.allow_plaintext_export:
+def _plaintext_allowed(caller: Caller, key_ring: str, allow_plaintext_export: bool) -> None:
+    if not caller.local:
         raise HsmError(
             Reason.PLAINTEXT_EXPORT_FORBIDDEN,
-            f"KeyRing {message.key_ring} does not allow plaintext export",
+            "plaintext export is only available on the sidecar's local unix socket, "
+            f"never over TCP (KeyRing {key_ring[:253]})",
         )
+    if not allow_plaintext_export:
+        raise HsmError(
+            Reason.PLAINTEXT_EXPORT_FORBIDDEN,
+            f"KeyRing {key_ring[:253]} does not allow plaintext export",
+        )
+
+
+def _generate_request(message: pb.GenerateDataKeyRequest, caller: Caller) -> GenerateRequest:
+    if message.return_plaintext:
+        _plaintext_allowed(caller, message.key_ring, message.allow_plaintext_export)
     return GenerateRequest(
         key_ring=message.key_ring,
         binding=binding_from(message.binding),
@@ -120,36 +182,86 @@ class _InOrder(Generic[R]):
 
 
 class KeyServiceServicer(pb_grpc.KeyServiceServicer):
-    def __init__(self, service: KeyService, metrics: Metrics) -> None:
+    def __init__(self, service: KeyService, metrics: Metrics, access: Access | None = None) -> None:
         self._service = service
         self._metrics = metrics
+        self._access: Access = access or LocalAccess()
 
-    async def _call(self, op: str, context: Context, work: Callable[[], Awaitable[T]]) -> T:
-        return await observed(self._metrics, op, context, work)
+    async def _call(
+        self,
+        op: str,
+        context: Context,
+        work: Callable[[Caller, _Note], Awaitable[T]],
+        note: _Note | None = None,
+    ) -> T:
+        """Authorise, run, count and (where :func:`audited`) audit one call. The outcome is
+        ``ok`` only once the response is built; a cancelled call is audited as such."""
+        access = self._access
+        note = note or _Note()
+
+        async def run() -> T:
+            caller = LOCAL
+            outcome = "cancelled"
+            try:
+                caller = access.identify(context)
+                access.check(caller, op)
+                result = await work(caller, note)
+                outcome = "ok"
+                return result
+            except HsmError as exc:
+                outcome = str(exc.reason)
+                raise
+            except DomainError as exc:
+                outcome = str(from_domain(exc).reason)
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                outcome = str(Reason.INTERNAL)
+                raise
+            finally:
+                if audited(op, caller, note, outcome):
+                    audit.emit(
+                        rpc=op,
+                        peer=caller.identity,
+                        role=str(caller.role or ""),
+                        key_ring=note.key_ring,
+                        version=note.version,
+                        items=note.items,
+                        outcome=outcome,
+                    )
+
+        return await observed(self._metrics, op, context, run)
 
     async def CreateKeyVersion(
         self, request: pb.CreateKeyVersionRequest, context: Context
     ) -> pb.KeyVersion:
-        async def work() -> pb.KeyVersion:
+        async def work(caller: Caller, note: _Note) -> pb.KeyVersion:
             info = await self._service.create_key_version(request.key_ring, request.version)
             return version_pb(info)
 
-        return await self._call("CreateKeyVersion", context, work)
+        note = _Note(request.key_ring, request.version)
+        return await self._call("CreateKeyVersion", context, work, note)
 
     async def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: Context
     ) -> pb.DataKey:
-        async def work() -> pb.DataKey:
-            return _data_key_pb(await self._service.generate_data_key(_generate_request(request)))
+        async def work(caller: Caller, note: _Note) -> pb.DataKey:
+            generate = _generate_request(request, caller)
+            return _data_key_pb(await self._service.generate_data_key(generate))
 
-        return await self._call("GenerateDataKey", context, work)
+        note = _Note(request.key_ring, request.version, plaintext=request.return_plaintext)
+        return await self._call("GenerateDataKey", context, work, note)
 
     async def BatchGenerateDataKey(
         self, request: pb.BatchGenerateDataKeyRequest, context: Context
     ) -> pb.BatchGenerateDataKeyResponse:
-        async def work() -> pb.BatchGenerateDataKeyResponse:
+        async def work(caller: Caller, note: _Note) -> pb.BatchGenerateDataKeyResponse:
             items = request.items
             check_batch(len(items))
+            note.items = len(items)
+            note.rings(i.key_ring for i in items)
+            note.plaintext = any(i.return_plaintext for i in items)
             errors: dict[int, HsmError] = {}
 
             def valid() -> Iterator[GenerateRequest]:
@@ -157,7 +269,7 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
                 # is taken, so decoding the next chunk overlaps the worker sealing this one.
                 for i, item in enumerate(items):
                     try:
-                        yield _generate_request(item)
+                        yield _generate_request(item, caller)
                     except HsmError as exc:
                         errors[i] = exc
                     except DomainError as exc:
@@ -182,22 +294,20 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         return await self._call("BatchGenerateDataKey", context, work)
 
     async def Decrypt(self, request: pb.DecryptRequest, context: Context) -> pb.DecryptResponse:
-        async def work() -> pb.DecryptResponse:
+        async def work(caller: Caller, note: _Note) -> pb.DecryptResponse:
             envelope = Envelope.from_text(request.wrapped)
+            note.key_ring, note.version = envelope.key.key_ring, envelope.key.version
             binding = binding_from(request.binding)
-            if not request.allow_plaintext_export:
-                raise HsmError(
-                    Reason.PLAINTEXT_EXPORT_FORBIDDEN,
-                    f"KeyRing {envelope.key.key_ring} does not allow plaintext export",
-                )
+            _plaintext_allowed(caller, envelope.key.key_ring, request.allow_plaintext_export)
             plaintext = await self._service.decrypt(envelope, binding)
             return pb.DecryptResponse(plaintext=plaintext, version=envelope.key.version)
 
         return await self._call("Decrypt", context, work)
 
     async def ReWrap(self, request: pb.ReWrapRequest, context: Context) -> pb.ReWrapped:
-        async def work() -> pb.ReWrapped:
+        async def work(caller: Caller, note: _Note) -> pb.ReWrapped:
             rewrap = _rewrap_request(request)
+            note.key_ring, note.version = rewrap.envelope.key.key_ring, rewrap.envelope.key.version
             envelope = await self._service.rewrap(rewrap)
             return pb.ReWrapped(
                 wrapped=envelope.to_text(),
@@ -210,11 +320,13 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
     async def BatchReWrap(
         self, request: pb.BatchReWrapRequest, context: Context
     ) -> pb.BatchReWrapResponse:
-        async def work() -> pb.BatchReWrapResponse:
+        async def work(caller: Caller, note: _Note) -> pb.BatchReWrapResponse:
             items = request.items
             check_batch(len(items))
+            note.items = len(items)
             errors: dict[int, HsmError] = {}
             from_versions: list[int] = []
+            rings: set[str] = set()
 
             def valid() -> Iterator[RewrapRequest]:
                 for i, item in enumerate(items):  # lazily, as in BatchGenerateDataKey
@@ -227,7 +339,9 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
                         errors[i] = from_domain(exc)
                         continue
                     from_versions.append(rewrap.envelope.key.version)
+                    rings.add(rewrap.envelope.key.key_ring)
                     yield rewrap
+                note.rings(iter(rings))
 
             response = pb.BatchReWrapResponse()
             out = _InOrder(response.results.add, errors)
@@ -251,28 +365,33 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
     async def SetVersionState(
         self, request: pb.SetVersionStateRequest, context: Context
     ) -> pb.KeyVersion:
-        async def work() -> pb.KeyVersion:
+        async def work(caller: Caller, note: _Note) -> pb.KeyVersion:
             state = _FROM_PB_STATE.get(request.state)
             if state is None:
-                raise HsmError(Reason.INVALID_ARGUMENT, "state must be ENABLED or DISABLED")
+                raise HsmError(
+                    Reason.INVALID_ARGUMENT,
+                    "state must be ENABLED, DISABLED or DESTROY_SCHEDULED",
+                )
             info = await self._service.set_version_state(request.key_ring, request.version, state)
             return version_pb(info)
 
-        return await self._call("SetVersionState", context, work)
+        note = _Note(request.key_ring, request.version)
+        return await self._call("SetVersionState", context, work, note)
 
     async def DestroyVersion(
         self, request: pb.DestroyVersionRequest, context: Context
     ) -> pb.KeyVersion:
-        async def work() -> pb.KeyVersion:
+        async def work(caller: Caller, note: _Note) -> pb.KeyVersion:
             info = await self._service.destroy_version(request.key_ring, request.version)
             return version_pb(info)
 
-        return await self._call("DestroyVersion", context, work)
+        note = _Note(request.key_ring, request.version)
+        return await self._call("DestroyVersion", context, work, note)
 
     async def DescribeKey(
         self, request: pb.DescribeKeyRequest, context: Context
     ) -> pb.KeyDescription:
-        async def work() -> pb.KeyDescription:
+        async def work(caller: Caller, note: _Note) -> pb.KeyDescription:
             description = await self._service.describe_key(request.key_ring)
             return pb.KeyDescription(
                 key_ring=description.key_ring,
@@ -280,10 +399,10 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
                 versions=[version_pb(v) for v in description.versions],
             )
 
-        return await self._call("DescribeKey", context, work)
+        return await self._call("DescribeKey", context, work, _Note(request.key_ring))
 
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
-        async def work() -> pb.HealthResponse:
+        async def work(caller: Caller, note: _Note) -> pb.HealthResponse:
             health = await self._service.health()
             status = pb.HealthResponse.SERVING if health.serving else pb.HealthResponse.NOT_SERVING
             return pb.HealthResponse(

@@ -13,6 +13,12 @@ per item, where an item's error is a ``(reason, message)`` pair of strings.
 A response body is ``(result, health, snapshot)``: ``health`` and ``snapshot`` are None unless
 they changed since the previous response, so the front end mirrors both without asking.
 
+Bodies are at most :data:`MAX_BODY_BYTES`, enforced on both sides: :func:`frame` refuses to
+build a larger one (``REQUEST_TOO_LARGE``, so a caller gets a typed error and nothing is sent);
+a worker that reads a larger header answers that request with ``REQUEST_TOO_LARGE`` and exits
+(its stream can no longer be trusted; the front end restarts it); the front end fails the
+request a larger answer belongs to with ``REQUEST_TOO_LARGE`` and skips its body.
+
 Nothing here is logged. Bodies carry wrapped keys, AAD bytes and, only where an API returns
 it, plaintext.
 """
@@ -23,6 +29,8 @@ import enum
 import marshal
 import struct
 from typing import Any
+
+from kustody.hsm.errors import HsmError, Reason
 
 HEADER = struct.Struct(">IIB")
 HEADER_BYTES = HEADER.size
@@ -42,7 +50,7 @@ class Op(enum.IntEnum):
     GENERATE = 7  # ((ring, version | None, length, with_plaintext, binding), ...) -> items
     DECRYPT = 8  # ((ring, version, nonce, sealed, aad), ...) -> (plaintext | error, ...)
     REWRAP = 9  # ((ring, version, nonce, sealed, binding, to_version | None), ...) -> items
-    SEAL = 10  # (ring, version | None, plaintext, binding | None [KMS]) -> (info, nonce, sealed)
+    SEAL = 10  # (ring, version | None, plaintext) -> (info, nonce, sealed), bound to the KMS key_id
     RESCAN = 11  # () -> None: forget cached handles and rescan the token (as a restart would)
 
 
@@ -52,8 +60,19 @@ WireInfo = tuple[str, int, str, str]
 WireHealth = tuple[bool, str, str]
 
 
+def too_large(size: int, what: str) -> HsmError:
+    return HsmError(
+        Reason.REQUEST_TOO_LARGE,
+        f"{what} of {size} bytes between the sidecar and its PKCS#11 worker exceeds the "
+        f"{MAX_BODY_BYTES}-byte frame limit",
+    )
+
+
 def frame(request_id: int, code: int, body: Any) -> bytes:
+    """One frame; HsmError(REQUEST_TOO_LARGE) if the body exceeds :data:`MAX_BODY_BYTES`."""
     data = marshal.dumps(body)
+    if len(data) > MAX_BODY_BYTES:
+        raise too_large(len(data), "a message")
     return HEADER.pack(len(data), request_id, code) + data
 
 

@@ -9,7 +9,10 @@ the named operation against the token, writes the answer, and takes the next one
 end has already queued in the socket buffer, so it never waits for the event loop.
 
 It dies with its parent: ``PR_SET_PDEATHSIG(SIGKILL)``, and EOF on the socket (the parent
-closed it or is gone) ends the loop. SIGINT is ignored (a terminal's Ctrl-C reaches the whole
+closed it or is gone) ends the loop. Before it reads the PIN or opens the token it makes
+itself undumpable: ``RLIMIT_CORE`` 0 (no core file) and ``PR_SET_DUMPABLE`` 0 (no core, and
+its /proc files belong to root, so processes of its own uid cannot read its memory); it does
+not start if either fails. SIGINT is ignored (a terminal's Ctrl-C reaches the whole
 process group; the sidecar decides when the worker stops, by closing the socket).
 """
 
@@ -20,6 +23,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -32,7 +36,12 @@ from typing import Any
 from kustody.domain.aad import KmsBinding
 from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, NONCE_BYTES, header_for
 from kustody.domain.errors import DomainError
-from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
+from kustody.domain.keyversion import (
+    DEFAULT_MIN_DESTROY_DELAY_SECONDS,
+    KeyVersionRef,
+    VersionInfo,
+    VersionState,
+)
 from kustody.hsm import thread, wire
 from kustody.hsm.errors import HsmError, Reason, from_domain
 from kustody.hsm.kekstore import KekStore
@@ -44,6 +53,8 @@ log = logging.getLogger(__name__)
 MIN_DEK_BYTES = 16
 MAX_DEK_BYTES = 512
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+_PR_GET_DUMPABLE = 3
 
 
 @dataclass(frozen=True)
@@ -66,9 +77,16 @@ def info_wire(info: VersionInfo) -> wire.WireInfo:
 class Token:
     """One token, one logged-in session, reopened when it is lost (on the PKCS#11 thread)."""
 
-    def __init__(self, config: TokenConfig, *, retry_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: TokenConfig,
+        *,
+        retry_interval: float = 1.0,
+        min_destroy_delay: float = DEFAULT_MIN_DESTROY_DELAY_SECONDS,
+    ) -> None:
         self.config = config
         self.retry_interval = retry_interval
+        self.min_destroy_delay = min_destroy_delay
         self.health = _NOT_YET
         self._token: TokenSession | None = None
         self.store: KekStore | None = None
@@ -122,7 +140,7 @@ class Token:
                 return
             token = TokenSession.open(self.config, pin, reinitialize=self._lost)
             try:
-                store = KekStore(token)
+                store = KekStore(token, min_destroy_delay=self.min_destroy_delay)
             except (TokenLost, HsmError):
                 token.close()
                 raise
@@ -264,14 +282,14 @@ def _decrypt(store: KekStore, items: list[tuple[str, int, bytes, bytes, bytes]])
 
 
 def _seal(
-    store: KekStore, ring: str, version: int | None, plaintext: bytes, binding: bytes | None
+    store: KekStore, ring: str, version: int | None, plaintext: bytes
 ) -> tuple[wire.WireInfo, bytes, bytes]:
+    """Seal a KMS v2 seed, bound to the key_id (which names this version's fingerprint)."""
     if not 0 < len(plaintext) <= MAX_PLAINTEXT_BYTES:
         raise HsmError(Reason.INVALID_ARGUMENT, "plaintext size is out of range")
     ref = store.resolve(ring, version)
     info = store.info(ref)
-    if binding is None:  # KMS v2: bound to the key_id, which names this version's fingerprint
-        binding = KmsBinding(ref.kms_key_id(info.fingerprint)).encode()
+    binding = KmsBinding(ref.kms_key_id(info.fingerprint)).encode()
     nonce, sealed = store.seal(ref, plaintext, header_for(ref) + binding)
     return info_wire(info), nonce, sealed
 
@@ -326,6 +344,14 @@ def serve(sock: socket.socket, token: Token) -> None:
         if len(header) < wire.HEADER_BYTES:
             return
         size, request_id, op = wire.HEADER.unpack(header)
+        if size > wire.MAX_BODY_BYTES:
+            # Never read it: answer this request with a typed error and stop; the stream is
+            # out of step and the front end restarts the worker when it sees the EOF.
+            error = wire.too_large(size, "a request")
+            log.error("%s; stopping", error.message)
+            answer = (str(error.reason), error.message)
+            sock.sendall(wire.frame(request_id, wire.STATUS_ERROR, (answer, None, None)))
+            return
         body = reader.read(size)
         if len(body) < size:
             return
@@ -348,7 +374,23 @@ def serve(sock: socket.socket, token: Token) -> None:
         if snapshot is not sent_snapshot:
             update_snapshot = tuple(info_wire(i) for i in snapshot)
             sent_snapshot = snapshot
-        sock.sendall(wire.frame(request_id, status, (result, update_health, update_snapshot)))
+        try:
+            data = wire.frame(request_id, status, (result, update_health, update_snapshot))
+        except HsmError as exc:  # an answer over the frame limit: say so instead
+            data = wire.frame(
+                request_id, wire.STATUS_ERROR, ((str(exc.reason), exc.message), None, None)
+            )
+            sent_health = sent_snapshot = None  # send both again with the next answer
+        sock.sendall(data)
+
+
+def harden() -> None:
+    """No core dumps, and not dumpable (no core, /proc/<pid> owned by root, no ptrace by
+    processes of the same uid): this process holds the PIN and, briefly, plaintext DEKs."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def _die_with_parent(parent: int) -> None:
@@ -367,8 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", required=True)
     parser.add_argument("--pin-file", type=Path)
     parser.add_argument("--retry-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--min-destroy-delay", type=float, default=DEFAULT_MIN_DESTROY_DELAY_SECONDS
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        harden()
+    except OSError as exc:
+        print(f"kustody.hsm.worker: cannot disable core dumps: {exc}", file=sys.stderr)
+        return 3
     _die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
@@ -378,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = socket.socket(fileno=args.fd)
     token = Token(
-        TokenConfig(args.module, args.label, args.pin_file), retry_interval=args.retry_interval
+        TokenConfig(args.module, args.label, args.pin_file),
+        retry_interval=args.retry_interval,
+        min_destroy_delay=args.min_destroy_delay,
     )
     try:
         serve(sock, token)

@@ -124,7 +124,11 @@ def hsm_sidecar(
     softhsm_token: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Sidecar]:
     """The HSM sidecar serving the session's SoftHSM2 token on a unix socket."""
-    sidecar = Sidecar(tmp_path_factory.mktemp("hsm"), softhsm_token)
+    # No waiting period between SetVersionState(DESTROY_SCHEDULED) and DestroyVersion: the
+    # cluster tests expire a destruction by moving status.destroyAt into the past.
+    sidecar = Sidecar(
+        tmp_path_factory.mktemp("hsm"), softhsm_token, extra_args=("--min-destroy-delay", "0s")
+    )
     try:
         sidecar.start()
     except UserError as exc:
