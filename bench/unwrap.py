@@ -14,6 +14,14 @@ pre-serialised request, checks every plaintext). The Python client (pre-built re
 stubs) is run too and reported under ``unwrap_python_client``, with what each client and the
 sidecar's two processes used of the CPU. Without Go, only the Python client runs.
 
+**Under abuse** (``unwrap_flood``): the same Go callers for ``FLOOD_TOKENS / FLOOD_RATE``
+seconds (5,000 distinct forged tokens at 1,000/s, from the same load generator on its own
+connection, to 127.0.0.1 only) — the legitimate callers' p99 is reported as
+``unwrap_p99_under_flood_ms`` beside ``unwrap_p99_ms``, with what the flood got back and how
+many TokenReviews it cost the API server. Twice: with the default review limits (the flood
+comes from one address, as one compromised pod's would) and with the per-address limit
+lifted (a flood from many addresses: only the global rate and the in-flight bound hold).
+
 ``KUSTODY_BENCH_UNWRAP_CLIENT`` = ``go``, ``python`` or ``both`` (default);
 ``KUSTODY_BENCH_PYSPY=DIR`` records a py-spy profile (collapsed stacks) of the sidecar's front
 end during each load into DIR.
@@ -22,7 +30,9 @@ end during each load into DIR.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
@@ -34,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +76,15 @@ _NO_BDP = [("grpc.http2.bdp_probe", 0)]
 WARMUP = os.environ.get("KUSTODY_BENCH_UNWRAP_WARMUP", "1s")
 CLIENT = os.environ.get("KUSTODY_BENCH_UNWRAP_CLIENT", "both")
 PYSPY_DIR = os.environ.get("KUSTODY_BENCH_PYSPY")
+FLOOD_TOKENS = int(os.environ.get("KUSTODY_BENCH_FLOOD_TOKENS", "5000"))
+FLOOD_RATE = float(os.environ.get("KUSTODY_BENCH_FLOOD_RATE", "1000"))
+# The per-address limit lifted: the flood as if from many addresses.
+_MANY_ADDRESSES = (
+    "--workload-peer-review-rate",
+    "1000000",
+    "--workload-peer-review-burst",
+    "1000000",
+)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -237,20 +257,24 @@ def _sidecar_cpu(seconds: list[float], wall: float) -> dict[str, Any]:
 def _go_bench(
     binary: Path, endpoint: str, ca: Path, request: pb.UnwrapRequest, token: str,
     plaintext: bytes, pids: list[int], directory: Path,
+    duration: float = DURATION, flood: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     files = {"request": request.SerializeToString(), "token": token.encode(), "expect": plaintext}
+    if flood is not None:
+        files["flood"] = "\n".join(flood).encode()
     directory.mkdir(exist_ok=True)
     for name, data in files.items():
         (directory / name).write_bytes(data)
     command = [
         str(binary), "-addr", endpoint, "-ca", str(ca), "-server-name", "localhost",
         "-c", str(CONCURRENCY), "-conns", str(CONNECTIONS),
-        "-duration", f"{DURATION}s", "-warmup", WARMUP,
+        "-duration", f"{duration}s", "-warmup", WARMUP,
         "-watch-pids", ",".join(str(p) for p in pids),
+        "-flood-rate", str(FLOOD_RATE),
         *(a for name in files for a in (f"-{name}", str(directory / name))),
     ]  # fmt: skip
-    with _profiled(pids[0], "unwrap-frontend-go-client"):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=DURATION + 60)
+    with _profiled(pids[0], "unwrap-frontend-go-client" + ("-flood" if flood else "")):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
     if done.returncode != 0:
         raise SystemExit(f"the unwrap load generator failed: {done.stderr.strip()}")
     out = json.loads(done.stdout)
@@ -269,7 +293,57 @@ def _go_bench(
         "failures": out["failures"],
         "client_cpu_cores": round(out["client_cpu_seconds"] / wall, 2),
         **_sidecar_cpu(server, wall),
+        **({"flood": out["flood"]} if out.get("flood") else {}),
     }
+
+
+def forged_tokens(genuine: str, count: int) -> list[str]:
+    """Distinct JWTs that pass every unverified check (a genuine token's header and claims,
+    audience kustody, not expired; a fresh ``jti``) with a random signature: each one costs a
+    TokenReview unless the front door refuses it first."""
+    head, payload, _ = genuine.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    out = []
+    for i in range(count):
+        claims["jti"] = f"forged-{i}-{os.urandom(4).hex()}"
+        out.append(f"{head}.{b64(json.dumps(claims).encode())}.{b64(os.urandom(256))}")
+    return out
+
+
+def _reviews(metrics_port: int) -> dict[str, float]:
+    """The sidecar's kustody_unwrap_token_reviews_total by result."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("kustody_unwrap_token_reviews_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            out[result] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _flood_case(
+    loadgen: Path, sidecar: Sidecar, ca: Path, request: pb.UnwrapRequest, token: str,
+    plaintext: bytes, directory: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """The Go callers while FLOOD_TOKENS forged tokens arrive at FLOOD_RATE per second."""
+    front_end = sidecar.proc.pid()
+    assert front_end is not None
+    assert sidecar.metrics_port is not None
+    pids = [front_end, *_children(front_end)]
+    before = _reviews(sidecar.metrics_port)
+    case = _go_bench(
+        loadgen, sidecar.workload_listen or "", ca, request, token, plaintext, pids, directory,
+        duration=FLOOD_TOKENS / FLOOD_RATE, flood=forged_tokens(token, FLOOD_TOKENS),
+    )  # fmt: skip
+    after = _reviews(sidecar.metrics_port)
+    case["token_reviews"] = {k: round(v - before.get(k, 0.0)) for k, v in after.items()}
+    return case
 
 
 def _headline(case: dict[str, Any], client: str) -> dict[str, Any]:
@@ -322,6 +396,7 @@ def run() -> dict[str, Any]:
                 workload_tls_cert=cert,
                 workload_tls_key=key,
                 kubeconfig=cluster.kubeconfig,
+                metrics_port=_free_port(),
                 extra_args=("--log-level", "WARNING", "--workload-rate", "1000000",
                             "--workload-burst", "1000000"),
             ).start()  # fmt: skip
@@ -367,6 +442,30 @@ def run() -> dict[str, Any]:
                     result.update(_headline(py, "python"))
                 else:
                     result["unwrap_python_client"] = py
+            if loadgen is not None and FLOOD_TOKENS > 0:
+                plaintext = asyncio.run(plaintext_of(sidecar, wrapped, binding))
+                flood = _flood_case(
+                    loadgen, sidecar, ca, request, sa_token, plaintext, base / "flood"
+                )
+                sidecar.stop()  # the same, with the per-address limit lifted
+                sidecar = dataclasses.replace(
+                    sidecar, extra_args=(*sidecar.extra_args, *_MANY_ADDRESSES)
+                ).start()
+                many = _flood_case(
+                    loadgen, sidecar, ca, request, sa_token, plaintext, base / "flood-many"
+                )
+                result.update(
+                    {
+                        "unwrap_p99_under_flood_ms": flood["p99_ms"],
+                        "unwrap_p99_under_flood_many_addresses_ms": many["p99_ms"],
+                        "unwrap_flood": {
+                            "forged_tokens": FLOOD_TOKENS,
+                            "rate_s": FLOOD_RATE,
+                            "one_address": flood,
+                            "many_addresses": many,
+                        },
+                    }
+                )
             return result
         finally:
             if sidecar is not None:

@@ -5,6 +5,11 @@
 // The request is sent as pre-serialised protobuf bytes (written by bench/unwrap.py) through a
 // pass-through codec, so no generated code is needed; each answer's plaintext (field 1) is
 // checked against the expected bytes with protowire.
+//
+// With -flood FILE (one token per line) it also sends, from its own connection and starting
+// when measuring starts, one unwrap per token at -flood-rate per second — forged tokens, to
+// measure the legitimate callers' latency while the front door is being abused — and reports
+// the reasons the flood got back.
 package main
 
 import (
@@ -27,6 +32,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
@@ -96,6 +102,17 @@ type result struct {
 	Conns       int     `json:"connections"`
 	// CPU seconds of the watched processes (the sidecar's) over the measured window, by pid.
 	Watched map[string]float64 `json:"watched_cpu_seconds"`
+	Flood   *floodResult       `json:"flood,omitempty"`
+}
+
+type floodResult struct {
+	Sent    int            `json:"sent"`
+	Seconds float64        `json:"seconds"` // from the first send to the last send
+	RateS   float64        `json:"rate_s"`  // achieved sends/s
+	Reasons map[string]int `json:"reasons"` // kustody-reason (or the gRPC code) -> calls
+	P50Ms   float64        `json:"p50_ms"`  // how long a forged call took to be refused
+	P99Ms   float64        `json:"p99_ms"`
+	MaxMs   float64        `json:"max_ms"`
 }
 
 // procCPU is the user+system CPU time of a process from /proc/<pid>/stat (clock ticks of
@@ -147,6 +164,8 @@ func main() {
 	duration := flag.Duration("duration", 3*time.Second, "how long to measure")
 	warmup := flag.Duration("warmup", 500*time.Millisecond, "load before measuring")
 	watch := flag.String("watch-pids", "", "comma-separated pids whose CPU time to report")
+	floodFile := flag.String("flood", "", "file of tokens (one a line) to send at -flood-rate")
+	floodRate := flag.Float64("flood-rate", 1000, "flood calls per second")
 	flag.Parse()
 
 	fail := func(format string, args ...any) {
@@ -222,6 +241,28 @@ func main() {
 	)
 	warmEnd := time.Now().Add(*warmup)
 	stop := warmEnd.Add(*duration)
+	floodDone := make(chan *floodResult, 1)
+	if *floodFile != "" {
+		var tokens []string
+		for _, line := range strings.Split(string(read(*floodFile)), "\n") {
+			if line = strings.TrimSpace(line); line != "" {
+				tokens = append(tokens, line)
+			}
+		}
+		cc, err := grpc.NewClient(*addr,
+			grpc.WithTransportCredentials(creds),
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})),
+			grpc.WithInitialWindowSize(1<<20),
+			grpc.WithInitialConnWindowSize(1<<20),
+			grpc.WithUserAgent("unwrapload/flood"))
+		if err != nil {
+			fail("%v", err)
+		}
+		defer cc.Close()
+		go func() { floodDone <- flood(cc, request, tokens, *floodRate, warmEnd) }()
+	} else {
+		floodDone <- nil
+	}
 	var pids []string
 	if *watch != "" {
 		pids = strings.Split(*watch, ",")
@@ -267,6 +308,7 @@ func main() {
 		}(w)
 	}
 	wg.Wait()
+	floodOut := <-floodDone
 	cpu := cpuSeconds() - <-startCPU
 	watched := watchedCPU(pids)
 	for pid, before := range <-startWatched {
@@ -278,6 +320,7 @@ func main() {
 	out := result{
 		Calls: len(latencies), Failures: failures, FirstError: firstErr, Seconds: elapsed,
 		ClientCPU: cpu, Concurrency: *concurrency, Conns: *conns, Watched: watched,
+		Flood: floodOut,
 	}
 	if n := len(latencies); n > 0 {
 		at := func(q float64) float64 { return ms(latencies[min(n-1, int(float64(n)*q))]) }
@@ -296,4 +339,61 @@ func main() {
 	if err := enc.Encode(out); err != nil {
 		fail("%v", err)
 	}
+}
+
+// flood sends one call per token, the i-th at start + i/rate, each in its own goroutine, and
+// waits for all the answers.
+func flood(cc *grpc.ClientConn, request []byte, tokens []string, rate float64, start time.Time) *floodResult {
+	var (
+		mu        sync.Mutex
+		wg        sync.WaitGroup
+		latencies []time.Duration
+	)
+	reasons := map[string]int{}
+	time.Sleep(time.Until(start))
+	first := time.Now()
+	for i, token := range tokens {
+		time.Sleep(time.Until(first.Add(time.Duration(float64(i) / rate * float64(time.Second)))))
+		wg.Add(1)
+		go func(token string) {
+			defer wg.Done()
+			var trailer metadata.MD
+			md := metadata.Pairs("authorization", "Bearer "+token)
+			ctx, cancel := context.WithTimeout(metadata.NewOutgoingContext(context.Background(), md), 10*time.Second)
+			defer cancel()
+			req, resp := request, []byte(nil)
+			t0 := time.Now()
+			err := cc.Invoke(ctx, method, &req, &resp, grpc.Trailer(&trailer))
+			took := time.Since(t0)
+			reason := "ok"
+			if err != nil {
+				reason = "code:" + grpcCode(err)
+				if r := trailer.Get("kustody-reason"); len(r) > 0 {
+					reason = r[0]
+				}
+			}
+			mu.Lock()
+			reasons[reason]++
+			latencies = append(latencies, took)
+			mu.Unlock()
+		}(token)
+	}
+	sent := time.Since(first).Seconds()
+	wg.Wait()
+	out := &floodResult{Sent: len(tokens), Seconds: sent, Reasons: reasons}
+	if sent > 0 {
+		out.RateS = float64(len(tokens)) / sent
+	}
+	if n := len(latencies); n > 0 {
+		sort.Slice(latencies, func(i, j int) bool { return latencies[i] < latencies[j] })
+		ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+		out.P50Ms = ms(latencies[n/2])
+		out.P99Ms = ms(latencies[min(n-1, int(float64(n)*0.99))])
+		out.MaxMs = ms(latencies[n-1])
+	}
+	return out
+}
+
+func grpcCode(err error) string {
+	return status.Code(err).String()
 }
