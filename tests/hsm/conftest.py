@@ -135,7 +135,7 @@ def start_process(
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=preexec_fn,  # noqa: PLW1509 (tests only: set limits before exec)
+            preexec_fn=preexec_fn,
             user=user,
             group=user,
             extra_groups=[] if user is not None else None,

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from kustody.dev.softhsm import SoftHSMToken, create_token
 from kustody.domain.aad import Binding
+from kustody.hsm import wire
 from kustody.hsm.client import GenerateItem, HsmClient
+from kustody.hsm.connection import HsmConnection
 from kustody.hsm.errors import HsmError, Reason
+from kustody.hsm.keyservice import GenerateRequest, KeyService
 
 from .conftest import SidecarProcess, run, start_process
 
@@ -184,3 +193,137 @@ def test_no_orphan_worker_after_the_sidecar_exits(
         _wait_gone(worker)
     finally:
         proc.stop()
+
+
+# -- issue 9: the worker holds the PIN and plaintext DEKs: no core dumps, not dumpable --------
+
+
+def _wait_serving(proc: SidecarProcess) -> None:
+    """Until the worker has answered (so it has run past its start-up hardening)."""
+
+    async def serving() -> bool:
+        async with HsmClient.unix(proc.socket, timeout=2) as hsm:
+            return (await hsm.health()).serving
+
+    deadline = time.monotonic() + 20
+    while not run(serving()):
+        assert time.monotonic() < deadline, proc.log.read_text()
+        time.sleep(0.1)
+
+
+def _core_limits(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            soft, hard = line.split()[4:6]
+            return soft, hard
+    raise AssertionError(f"no core limit in /proc/{pid}/limits")
+
+
+def _allow_core_dumps() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def test_the_worker_writes_no_core_dumps(tmp_path: Path, own_token: SoftHSMToken) -> None:
+    """Even when the sidecar is started with core dumps allowed, its worker has none."""
+    proc = start_process(tmp_path, own_token, preexec_fn=_allow_core_dumps)
+    try:
+        _wait_serving(proc)
+        worker = _worker_of(proc)
+        assert _core_limits(proc.process.pid) == ("unlimited", "unlimited")
+        assert _core_limits(worker) == ("0", "0")
+    finally:
+        proc.stop()
+
+
+NOBODY = 65534
+
+
+def test_the_worker_is_not_dumpable(own_token: SoftHSMToken) -> None:
+    """Run the sidecar as an unprivileged uid: the kernel gives the /proc files of a
+    non-dumpable process to root, so processes of that uid cannot read the worker's memory
+    (/proc/<pid>/mem, ptrace) or make it dump a core; the front end's stay the uid's."""
+    base = Path(tempfile.mkdtemp(prefix="kustody-nobody-"))
+    try:
+        base.chmod(0o755)
+        token = create_token(base / "token", "dumpable-test")
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY)
+        proc = start_process(base, token, user=NOBODY)
+        try:
+            _wait_serving(proc)
+            worker = _worker_of(proc)
+            assert Path(f"/proc/{proc.process.pid}/status").stat().st_uid == NOBODY
+            assert f"Uid:\t{NOBODY}" in Path(f"/proc/{worker}/status").read_text()
+            assert Path(f"/proc/{worker}").stat().st_uid == 0
+            assert Path(f"/proc/{worker}/mem").stat().st_uid == 0
+        finally:
+            proc.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- issue 9: the frame limit between front end and worker is enforced ------------------------
+
+
+def test_frames_over_the_limit_are_typed_errors_and_the_stream_stays_in_step(
+    connection: HsmConnection, key_service: KeyService, ring: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(key_service.create_key_version(ring, 1))
+    monkeypatch.setattr(wire, "MAX_BODY_BYTES", 4096)
+    # A request over the limit is refused before anything is sent.
+    with pytest.raises(HsmError) as info:
+        run(key_service.seal_kms(ring, None, b"s" * 4096))
+    assert info.value.reason is Reason.REQUEST_TOO_LARGE
+    assert "4096-byte frame limit" in info.value.message
+    # An answer over the limit (8 DEKs of 512 bytes with their plaintext) fails its request...
+    big = [GenerateRequest(ring, BINDING, length=512, include_plaintext=True)] * 8
+    with pytest.raises(HsmError) as info:
+        run(key_service.generate_data_keys(big))
+    assert info.value.reason is Reason.REQUEST_TOO_LARGE
+    # ... and the next requests on the same worker are answered correctly.
+    generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING)))
+    assert run(key_service.decrypt(generated.envelope, BINDING))
+    assert [v.ref.version for v in run(key_service.describe_key(ring)).versions] == [1]
+    monkeypatch.undo()
+    assert len(run(key_service.generate_data_keys(big))) == 8
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def test_the_worker_answers_an_oversized_frame_with_a_typed_error_and_stops(
+    own_token: SoftHSMToken,
+) -> None:
+    """A header announcing more than MAX_BODY_BYTES: the worker does not try to read it (no
+    hang, no 4 GiB buffer) but answers that request REQUEST_TOO_LARGE and exits."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    command = [
+        sys.executable, "-m", "kustody.hsm.worker", "--fd", str(theirs.fileno()),
+        "--parent", str(os.getpid()), "--module", str(own_token.module),
+        "--label", own_token.label, "--pin-file", str(own_token.pin_file),
+    ]  # fmt: skip
+    worker = subprocess.Popen(
+        command, pass_fds=(theirs.fileno(),), env={**os.environ, **own_token.env}
+    )
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        ours.sendall(wire.HEADER.pack(wire.MAX_BODY_BYTES + 1, 7, wire.Op.CHECK) + b"x" * 4096)
+        size, request_id, status = wire.HEADER.unpack(_recv_exactly(ours, wire.HEADER_BYTES))
+        result, _, _ = wire.load(_recv_exactly(ours, size))
+        assert (request_id, status) == (7, wire.STATUS_ERROR)
+        assert result[0] == "REQUEST_TOO_LARGE"
+        assert ours.recv(1) == b""  # it stopped: its stream cannot be trusted any more
+        assert worker.wait(timeout=10) == 0
+    finally:
+        ours.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
