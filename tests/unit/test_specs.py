@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from kustody.domain.errors import InvalidArgument
+from kustody.domain.errors import InvalidSpec
 from kustody.domain.specs import (
     DataKeySpec,
     DeletionPolicy,
@@ -76,9 +76,9 @@ def test_rotation_policy_explicit_values() -> None:
 
 
 def test_rotation_policy_requires_a_period() -> None:
-    with pytest.raises(KeyError):
+    with pytest.raises(InvalidSpec):
         RotationPolicySpec.parse({})
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidSpec):
         RotationPolicySpec.parse({"rotationPeriod": "90d"})
 
 
@@ -317,9 +317,9 @@ def test_datakey_length_and_plaintext() -> None:
 
 
 def test_datakey_requires_key_ring_and_secret_name() -> None:
-    with pytest.raises(KeyError):
+    with pytest.raises(InvalidSpec):
         DataKeySpec.parse({"secretName": "s"})
-    with pytest.raises(KeyError):
+    with pytest.raises(InvalidSpec):
         DataKeySpec.parse({"keyRingRef": {"name": "r"}})
 
 
@@ -335,3 +335,37 @@ def test_parsed_mappings_are_copies() -> None:
     raw["template"]["metadata"]["labels"]["l"] = "changed"
     assert spec.encryption_context == {"a": "1"}
     assert spec.labels == {"l": "1"}
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw", "message"),
+    [
+        (DataKeySpec.parse, None, "spec is required"),
+        (DataKeySpec.parse, {"secretName": "s"}, "spec.keyRingRef.name is required"),
+        (DataKeySpec.parse, {"keyRingRef": {"name": "r"}}, "spec.secretName is required"),
+        (
+            DataKeySpec.parse,
+            {"keyRingRef": {"name": "r"}, "secretName": "s", "regenerateAfter": "1y"},
+            "spec.regenerateAfter: '1y' is not a duration",
+        ),
+        (
+            DataKeySpec.parse,
+            {"keyRingRef": {"name": "r"}, "secretName": "s", "rolloutRestartTargets": [{}]},
+            "spec.rolloutRestartTargets needs a kind and a name",
+        ),
+        (KeyRingSpec.parse, None, "spec is required"),
+        (KeyRingSpec.parse, {}, "spec.algorithm is required"),
+        (KeyRingSpec.parse, {"algorithm": "AES256GCM", "deletionPolicy": "Keep"}, "Retain"),
+        (RotationPolicySpec.parse, None, "spec is required"),
+        (RotationPolicySpec.parse, {}, "spec.rotationPeriod is required"),
+        (RotationPolicySpec.parse, {"rotationPeriod": "90d"}, "spec.rotationPeriod: '90d'"),
+    ],
+)
+def test_an_unusable_spec_is_a_sentence_naming_the_field(
+    parse: Any, raw: Any, message: str
+) -> None:
+    with pytest.raises(InvalidSpec) as caught:
+        parse(raw)
+    assert message in str(caught.value)
+    assert "KeyError" not in str(caught.value)
+    assert not str(caught.value).startswith("'")  # never a bare exception text like 'name'

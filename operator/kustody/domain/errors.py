@@ -13,3 +13,8 @@ class MalformedEnvelope(DomainError):
 
 class InvalidArgument(DomainError):
     """A KeyRing name, version, binding or size that the rules do not allow."""
+
+
+class InvalidSpec(DomainError):
+    """A custom resource's spec the operator cannot use; the message is a sentence that names
+    the field (it becomes the ``InvalidSpec`` condition's message)."""

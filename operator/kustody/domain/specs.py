@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kustody.domain.duration import parse_duration
+from kustody.domain.errors import DomainError, InvalidSpec
 
 DEFAULT_DEK_LENGTH = 32
 DEFAULT_DESTROY_AFTER = dt.timedelta(hours=720)
@@ -49,6 +50,26 @@ def _map(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _spec(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidSpec("spec is required")
+    return value
+
+
+def _required(raw: Mapping[str, Any], key: str, path: str) -> str:
+    value = raw.get(key)
+    if value is None or value == "":
+        raise InvalidSpec(f"{path} is required")
+    return str(value)
+
+
+def _duration(raw: Mapping[str, Any], key: str, path: str) -> dt.timedelta:
+    try:
+        return parse_duration(str(raw[key]))
+    except DomainError as exc:
+        raise InvalidSpec(f"{path}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class MaintenanceWindow:
     """Weekly windows in UTC: ``days`` (0 = Monday), opening at ``start`` for ``length``."""
@@ -73,19 +94,32 @@ class RotationPolicySpec:
     window: MaintenanceWindow | None
 
     @classmethod
-    def parse(cls, spec: Mapping[str, Any]) -> RotationPolicySpec:
-        retire = spec.get("retireAfter")
+    def parse(cls, raw: Any) -> RotationPolicySpec:
+        spec = _spec(raw)
+        _required(spec, "rotationPeriod", "spec.rotationPeriod")
         window = spec.get("maintenanceWindow")
+        try:
+            rewrap = Rewrap(spec.get("rewrap") or Rewrap.AUTOMATIC)
+            parsed_window = MaintenanceWindow.parse(window) if isinstance(window, Mapping) else None
+        except (ValueError, TypeError):
+            raise InvalidSpec(
+                "spec.rewrap must be Automatic or Manual and spec.maintenanceWindow must have "
+                "days, start (HH:MM) and duration"
+            ) from None
         return cls(
-            rotation_period=parse_duration(str(spec["rotationPeriod"])),
-            retire_after=parse_duration(str(retire)) if retire is not None else None,
+            rotation_period=_duration(spec, "rotationPeriod", "spec.rotationPeriod"),
+            retire_after=(
+                _duration(spec, "retireAfter", "spec.retireAfter")
+                if spec.get("retireAfter") is not None
+                else None
+            ),
             destroy_after=(
-                parse_duration(str(spec["destroyAfter"]))
+                _duration(spec, "destroyAfter", "spec.destroyAfter")
                 if spec.get("destroyAfter")
                 else DEFAULT_DESTROY_AFTER
             ),
-            rewrap=Rewrap(spec.get("rewrap") or Rewrap.AUTOMATIC),
-            window=MaintenanceWindow.parse(window) if isinstance(window, Mapping) else None,
+            rewrap=rewrap,
+            window=parsed_window,
         )
 
 
@@ -155,13 +189,26 @@ class KeyRingSpec:
     deletion_policy: DeletionPolicy
 
     @classmethod
-    def parse(cls, spec: Mapping[str, Any]) -> KeyRingSpec:
+    def parse(cls, raw: Any) -> KeyRingSpec:
+        spec = _spec(raw)
+        _required(spec, "algorithm", "spec.algorithm")
+        try:
+            deletion = DeletionPolicy(spec.get("deletionPolicy") or DeletionPolicy.RETAIN)
+        except ValueError:
+            raise InvalidSpec("spec.deletionPolicy must be Retain or Destroy") from None
+        try:
+            allowed = NamespaceSelector.parse(_map(spec.get("allowedNamespaces")))
+        except (KeyError, TypeError):
+            raise InvalidSpec(
+                "each of spec.allowedNamespaces.selector.matchExpressions needs a key and an "
+                "operator"
+            ) from None
         return cls(
             provider=str(_map(spec.get("provider")).get("name") or "default"),
             policy_name=_map(spec.get("rotationPolicyRef")).get("name"),
-            allowed=NamespaceSelector.parse(_map(spec.get("allowedNamespaces"))),
+            allowed=allowed,
             allow_plaintext_export=bool(spec.get("allowPlaintextExport", False)),
-            deletion_policy=DeletionPolicy(spec.get("deletionPolicy") or DeletionPolicy.RETAIN),
+            deletion_policy=deletion,
         )
 
 
@@ -208,23 +255,30 @@ class DataKeySpec:
     consumers: tuple[str, ...] = field(default=())
 
     @classmethod
-    def parse(cls, spec: Mapping[str, Any]) -> DataKeySpec:
+    def parse(cls, raw: Any) -> DataKeySpec:
+        spec = _spec(raw)
         template = _map(spec.get("template"))
         metadata = _map(template.get("metadata"))
         regen = spec.get("regenerateAfter")
+        targets = spec.get("rolloutRestartTargets") or ()
+        if not all(isinstance(t, Mapping) and t.get("kind") and t.get("name") for t in targets):
+            raise InvalidSpec("each of spec.rolloutRestartTargets needs a kind and a name")
+        try:
+            length = int(spec.get("length") or DEFAULT_DEK_LENGTH)
+        except (TypeError, ValueError):
+            raise InvalidSpec("spec.length must be a number of bytes (16 to 64)") from None
         return cls(
-            key_ring=str(_map(spec.get("keyRingRef"))["name"]),
-            secret_name=str(spec["secretName"]),
-            length=int(spec.get("length") or DEFAULT_DEK_LENGTH),
+            key_ring=_required(_map(spec.get("keyRingRef")), "name", "spec.keyRingRef.name"),
+            secret_name=_required(spec, "secretName", "spec.secretName"),
+            length=length,
             encryption_context=dict(_map(spec.get("encryptionContext"))),
             labels=dict(_map(metadata.get("labels"))),
             annotations=dict(_map(metadata.get("annotations"))),
             keys=SecretKeys.parse(_map(template.get("keys"))),
-            regenerate_after=parse_duration(str(regen)) if regen else None,
-            restart_targets=tuple(
-                RestartTarget(str(t["kind"]), str(t["name"]))
-                for t in spec.get("rolloutRestartTargets") or ()
+            regenerate_after=(
+                _duration(spec, "regenerateAfter", "spec.regenerateAfter") if regen else None
             ),
+            restart_targets=tuple(RestartTarget(str(t["kind"]), str(t["name"])) for t in targets),
             expose_plaintext=bool(spec.get("exposePlaintext", False)),
             consumers=tuple(spec.get("consumers") or ()),
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 from kustody.domain.conditions import Condition, merge
 from kustody.domain.envelope import Envelope
-from kustody.domain.errors import DomainError
+from kustody.domain.errors import DomainError, InvalidSpec
 from kustody.domain.schedule import in_window
 from kustody.domain.secret import SECRET_TYPE, SecretContent, differs, render
 from kustody.domain.specs import (
@@ -27,10 +27,10 @@ from kustody.domain.specs import (
     RotationPolicySpec,
 )
 from kustody.domain.timestamps import format_time, parse_time
-from kustody.handlers.runtime import DATAKEY, KEYRING, Runtime, trim_secret
+from kustody.handlers.runtime import KEYRING, Runtime, trim_secret
 from kustody.hsm.client import Binding, GenerateItem, HsmError
 from kustody.kube import workloads
-from kustody.kube.errors import Conflict, NotFound
+from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
 from kustody.kube.resources import DATAKEYS, SECRETS
 
 
@@ -80,9 +80,9 @@ async def reconcile(rt: Runtime, namespace: str, name: str) -> float | None:
     if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
         return None  # the Secret goes with it (ownerReference → garbage collector)
     try:
-        spec = DataKeySpec.parse(obj.get("spec") or {})
-    except (DomainError, KeyError, ValueError, TypeError) as exc:
-        await _set_not_ready(rt, obj, "InvalidSpec", f"spec cannot be used: {exc}")
+        spec = DataKeySpec.parse(obj.get("spec"))
+    except InvalidSpec as exc:
+        await _set_not_ready(rt, obj, "InvalidSpec", f"The spec cannot be used: {exc}.")
         return None
     try:
         keyring, kr_spec, primary = _check_keyring(rt, namespace, spec)
@@ -155,7 +155,12 @@ def _check_keyring(
         raise _NotReady(
             "KeyRingNotFound", f"KeyRing {spec.key_ring} does not exist; waiting for it"
         )
-    kr_spec = KeyRingSpec.parse(keyring.get("spec") or {})
+    try:
+        kr_spec = KeyRingSpec.parse(keyring.get("spec"))
+    except InvalidSpec as exc:
+        raise _NotReady(
+            "KeyRingNotReady", f"KeyRing {spec.key_ring} has an unusable spec: {exc}"
+        ) from None
     if not rt.namespace_allowed(kr_spec.allowed, namespace):
         raise _NotReady(
             "NamespaceNotAllowed",
@@ -249,36 +254,55 @@ async def _converge(
     content = await _desired_secret(
         rt, namespace, name, spec, kr_spec, wrapped, version, generation, binding
     )
-    ready = Condition(
-        "Ready",
-        True,
-        "KeyAvailable",
-        f"Secret {spec.secret_name} holds the data key (generation {generation}) wrapped "
-        f"under {spec.key_ring} v{version}",
-    )
+    # 1. The key material goes into the status first: it is the record everything else is
+    #    restored from, so a crash after this line loses nothing.
     status.update(
         wrappedKey=wrapped,
         keyRingVersion=version,
         dekGeneration=generation,
         secretRef={"name": spec.secret_name},
         observedGeneration=meta.get("generation"),
-        conditions=merge(status.get("conditions") or (), [ready], meta.get("generation") or 0, now),
     )
-    if status != (obj.get("status") or {}):
-        updated = await rt.kube.patch_status(
-            DATAKEYS, name, status, namespace, resource_version=meta.get("resourceVersion")
-        )
-        rt.datakeys.put(updated)
-        obj = updated
+    recorded = await _write_status(rt, obj, status)
+    if recorded is not obj:
         rt.enqueue(KEYRING, None, spec.key_ring, delay=1.0)  # its references and Rotating
-
-    restored = await _publish(rt, obj, spec, secret, content)
+    obj = recorded
     if event is not None:
         await rt.events.normal(obj, *event)
-    elif restored:
+
+    # 2. Then the Secret. A write the API server refuses makes the DataKey not Ready.
+    try:
+        restored = await _publish(rt, obj, spec, secret, content)
+    except (Conflict, Unavailable):
+        raise  # looked at again shortly (a newer object is on its way, or the API is down)
+    except KubeError as exc:
+        rt.metrics.secret_write_failures.inc()
+        await _set_not_ready(
+            rt,
+            obj,
+            "SecretWriteFailed",
+            f"Secret {spec.secret_name} could not be written: {exc.message or exc.reason}",
+        )
+        raise
+    if restored:
         await rt.events.warning(
             obj, "SecretRestored", f"Secret {spec.secret_name} was missing or edited; restored"
         )
+
+    # 3. Only now, with the Secret written and its response checked, Ready. (The version is
+    #    in status.keyRingVersion; leaving it out of the message spares a write per re-wrap.)
+    ready = Condition(
+        "Ready",
+        True,
+        "KeyAvailable",
+        f"Secret {spec.secret_name} holds the data key (generation {generation}) wrapped "
+        f"under KeyRing {spec.key_ring}",
+    )
+    done = dict(obj.get("status") or {})
+    done["conditions"] = merge(
+        done.get("conditions") or (), [ready], meta.get("generation") or 0, now
+    )
+    obj = await _write_status(rt, obj, done)
     if generation >= 2:
         await _restart_targets(rt, obj, spec, generation)
 
@@ -287,6 +311,24 @@ async def _converge(
         if due is not None:
             return max(1.0, (due + spec.regenerate_after - now).total_seconds())
     return None
+
+
+async def _write_status(
+    rt: Runtime, obj: Mapping[str, Any], status: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """Patch ``status`` (guarded by resourceVersion) if it differs; returns the object."""
+    if dict(status) == (obj.get("status") or {}):
+        return obj
+    meta = obj["metadata"]
+    updated = await rt.kube.patch_status(
+        DATAKEYS,
+        meta["name"],
+        status,
+        meta["namespace"],
+        resource_version=meta.get("resourceVersion"),
+    )
+    rt.datakeys.put(updated)
+    return updated
 
 
 def _rewrap_allowed(
@@ -360,11 +402,8 @@ async def _publish(
             },
             "data": dict(content.data),
         }
-        try:
-            rt.secrets.put(trim_secret(await rt.kube.create(SECRETS, body, namespace)))
-        except Conflict:
-            # Someone created it meanwhile: look again on the next pass (ours or a conflict).
-            rt.enqueue(DATAKEY, namespace, obj["metadata"]["name"], 0.2)
+        # A Conflict (someone created it meanwhile) ends this pass; the next one looks again.
+        _check_written(content, await rt.kube.create(SECRETS, body, namespace), rt)
         return False
     if not differs(content, live):
         return False
@@ -378,8 +417,25 @@ async def _publish(
         # Entries we do not publish are removed (null), so the Secret has exactly our data.
         "data": {**{k: None for k in live_data if k not in content.data}, **content.data},
     }
-    rt.secrets.put(trim_secret(await rt.kube.patch(SECRETS, spec.secret_name, patch, namespace)))
+    _check_written(content, await rt.kube.patch(SECRETS, spec.secret_name, patch, namespace), rt)
     return dict(live_data) != dict(content.data)
+
+
+class _NotAsWritten(KubeError):
+    """The API server accepted a Secret write but stored something else."""
+
+
+def _check_written(content: SecretContent, stored: Mapping[str, Any], rt: Runtime) -> None:
+    """The write's response is what the API server stored: it must be what we wrote (an
+    admission webhook may have changed it)."""
+    rt.secrets.put(trim_secret(stored))
+    if differs(content, stored):
+        raise _NotAsWritten(
+            0,
+            "NotAsWritten",
+            "the API server stored a different Secret than was written (a mutating admission "
+            "webhook?)",
+        )
 
 
 async def _restart_targets(

@@ -17,7 +17,7 @@ from typing import Any
 
 from kustody.domain import lifecycle
 from kustody.domain.conditions import Condition, merge
-from kustody.domain.errors import DomainError
+from kustody.domain.errors import InvalidSpec
 from kustody.domain.lifecycle import ActionKind, References, State, Version
 from kustody.domain.rotation import decide
 from kustody.domain.secret import LABEL_KEYRING, LABEL_VERSION, MANAGED_BY, MANAGER
@@ -121,8 +121,8 @@ def resolve_policy(rt: Runtime, spec: KeyRingSpec) -> tuple[RotationPolicySpec |
     if obj is None:
         return None, f"RotationPolicy {spec.policy_name} does not exist"
     try:
-        return RotationPolicySpec.parse(obj.get("spec") or {}), None
-    except (DomainError, KeyError, ValueError) as exc:
+        return RotationPolicySpec.parse(obj.get("spec")), None
+    except InvalidSpec as exc:
         return None, f"RotationPolicy {spec.policy_name} cannot be used: {exc}"
 
 
@@ -138,9 +138,21 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
     if not deleting and FINALIZER not in finalizers:
         obj = await _set_finalizers(rt, obj, [*finalizers, FINALIZER])
 
-    spec = KeyRingSpec.parse(obj.get("spec") or {})
-    policy, policy_problem = resolve_policy(rt, spec)
     p = _Pass(rt, obj)
+    try:
+        spec = KeyRingSpec.parse(obj.get("spec"))
+    except InvalidSpec as exc:
+        # Nothing is provisioned, rotated or destroyed for a spec the operator cannot read;
+        # deleting such a KeyRing keeps its keys in the HSM (as deletionPolicy Retain).
+        if deleting:
+            await _set_finalizers(rt, obj, [f for f in finalizers if f != FINALIZER])
+            return None
+        p.conditions.append(
+            Condition("Ready", False, "InvalidSpec", f"The spec cannot be used: {exc}.")
+        )
+        await p.save()
+        return None
+    policy, policy_problem = resolve_policy(rt, spec)
     try:
         if not p.versions:
             await _provision(p)

@@ -96,6 +96,11 @@ class OperatorMetrics:
             "Data keys generated (new DEK material)",
             registry=self.registry,
         )
+        self.secret_write_failures = Counter(
+            "kustody_secret_write_failures",
+            "DataKey Secret writes the API server refused or stored differently",
+            registry=self.registry,
+        )
         self.lifecycle = Counter(
             "kustody_version_transitions",
             "KEK version state changes made by the operator",

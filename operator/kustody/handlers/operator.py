@@ -20,7 +20,7 @@ from kustody.handlers import datakey, keyring, policy, watch
 from kustody.handlers.metrics import OperatorMetrics
 from kustody.handlers.runtime import DATAKEY, KEYRING, POLICY, QueueKey, Runtime
 from kustody.hsm.client import HsmClient, HsmError
-from kustody.kube.api import Kube, load_api_client
+from kustody.kube.api import Kube, TooManyRequests, load_api_client
 from kustody.kube.errors import Conflict, KubeError, NotFound
 from kustody.kube.events import EventRecorder
 from kustody.kube.informer import MetadataInformer
@@ -115,11 +115,13 @@ _RECONCILERS: dict[str, Callable[[Runtime, str, str], Awaitable[float | None]]] 
 
 
 async def _worker(rt: Runtime) -> None:
+    loop = asyncio.get_running_loop()
     while True:
         key: QueueKey = await rt.queue.get()
         kind, namespace, name = key
         started = time.perf_counter()
         outcome = "ok"
+        hold = 0.0  # seconds the key stays checked out after this pass (Retry-After)
         try:
             again = await _RECONCILERS[kind](rt, namespace, name)
             rt.queue.forget(key)
@@ -130,6 +132,17 @@ async def _worker(rt: Runtime) -> None:
             rt.queue.add(key, 0.5)
         except NotFound:
             outcome = "gone"
+        except TooManyRequests as exc:
+            # The API server said how long to wait: that is the least this key waits (its
+            # own backoff may be longer). It stays checked out until then, so nothing runs it
+            # sooner; the worker itself is free at once.
+            outcome = "throttled"
+            delay = rt.queue.retry(key)
+            hold = max(0.0, exc.retry_after - delay)
+            log.info(
+                "%s %s/%s: API server asked to wait %.0fs (429); retry in %.1fs",
+                kind, namespace, name, exc.retry_after, delay + hold,
+            )  # fmt: skip
         except (HsmError, KubeError) as exc:
             outcome = "error"
             delay = rt.queue.retry(key)
@@ -141,7 +154,10 @@ async def _worker(rt: Runtime) -> None:
                 "%s %s/%s failed unexpectedly (retry in %.1fs)", kind, namespace, name, delay
             )
         finally:
-            rt.queue.done(key)
+            if hold > 0:
+                loop.call_later(hold, rt.queue.done, key)
+            else:
+                rt.queue.done(key)
             rt.metrics.reconcile.labels(kind, outcome).observe(time.perf_counter() - started)
 
 

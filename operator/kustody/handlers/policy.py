@@ -6,7 +6,7 @@ import contextlib
 
 from kustody.domain.conditions import Condition, merge
 from kustody.domain.duration import format_duration
-from kustody.domain.errors import DomainError
+from kustody.domain.errors import InvalidSpec
 from kustody.domain.specs import RotationPolicySpec
 from kustody.handlers.runtime import Runtime
 from kustody.kube.errors import NotFound
@@ -19,7 +19,7 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
         return None
     meta = obj["metadata"]
     try:
-        spec = RotationPolicySpec.parse(obj.get("spec") or {})
+        spec = RotationPolicySpec.parse(obj.get("spec"))
         ready = Condition(
             "Ready",
             True,
@@ -27,8 +27,8 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
             f"rotates every {format_duration(spec.rotation_period)}, "
             f"destroys after {format_duration(spec.destroy_after)}, rewrap {spec.rewrap}",
         )
-    except (DomainError, KeyError, ValueError) as exc:
-        ready = Condition("Ready", False, "InvalidSpec", str(exc))
+    except InvalidSpec as exc:
+        ready = Condition("Ready", False, "InvalidSpec", f"The spec cannot be used: {exc}.")
     status = dict(obj.get("status") or {})
     status["keyRings"] = len(rt.keyrings.by_index(name))
     status["observedGeneration"] = meta.get("generation")
