@@ -146,13 +146,32 @@ class Cluster:
             config_file=str(self.kubeconfig)
         )
 
+    def _etcd(self, call: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One call of etcd's v3 JSON gateway (the gRPC API over HTTP: no etcdctl needed)."""
+        request = urllib.request.Request(
+            f"{self.etcd_url}/v3/{call}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            result: dict[str, Any] = json.load(response)
+        return result
+
     def etcd_get(self, key: str) -> bytes | None:
         """The raw value stored in etcd under ``key`` (for encryption-at-rest checks)."""
-        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
-        request = urllib.request.Request(f"{self.etcd_url}/v3/kv/range", data=body, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            kvs = json.load(response).get("kvs") or []
+        kvs = self._etcd("kv/range", {"key": base64.b64encode(key.encode()).decode()}).get("kvs")
         return base64.b64decode(kvs[0]["value"]) if kvs else None
+
+    def etcd_revision(self) -> int:
+        """etcd's current revision (what every resourceVersion is taken from)."""
+        header = self._etcd("kv/range", {"key": base64.b64encode(b"/").decode()})["header"]
+        return int(header["revision"])
+
+    def etcd_compact(self, revision: int | None = None) -> int:
+        """Compact etcd's history up to ``revision`` (default: the current one), as the API
+        server's own compactor does every 5 minutes, and wait until it is physically done.
+        A watch from an older resourceVersion then ends with 410 Gone. Returns the revision."""
+        revision = revision or self.etcd_revision()
+        self._etcd("kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
@@ -204,6 +223,7 @@ class ControlPlane:
         apiserver_port: int | None = None,
         encryption_config: Path | None = None,
         extra_apiserver_args: Sequence[str] = (),
+        watch_cache: bool = True,
         detach: bool = False,
         log: Log = print,
     ) -> None:
@@ -212,6 +232,7 @@ class ControlPlane:
         self._apiserver_port = apiserver_port
         self._encryption_config = encryption_config
         self._extra_apiserver_args = tuple(extra_apiserver_args)
+        self._watch_cache = watch_cache
         self._detach = detach
         self._log = log
         self._procs = {name: ManagedProcess(name, self.state_dir) for name in _PROGRAMS}
@@ -287,6 +308,35 @@ class ControlPlane:
         (self.state_dir / _STATE_FILE).unlink(missing_ok=True)
         self.cluster = None
         return sorted(set(pids.values()))
+
+    # -- faults (for reliability tests) ---------------------------------------------------
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only (SIGTERM, then SIGKILL): clients see refused connections
+        and broken watches; etcd and kube-controller-manager keep running."""
+        proc = self._procs["kube-apiserver"]
+        pid = proc.pid() or (proc.popen.pid if proc.popen is not None else None)
+        if pid is not None:
+            terminate([pid])
+        proc.pidfile.unlink(missing_ok=True)
+
+    def start_apiserver(self, timeout: float = 90) -> None:
+        """Start kube-apiserver again on the same port and wait until it is ready."""
+        cluster = self._require_cluster()
+        if self._procs["kube-apiserver"].pid() is not None:
+            raise UserError("kube-apiserver is already running")
+        self._start("kube-apiserver", self._apiserver_args(cluster))
+        deadline = time.monotonic() + timeout
+        self._wait("kube-apiserver", deadline, lambda: cluster.get("/readyz")[0] == 200)
+
+    def restart_apiserver(self, timeout: float = 90) -> None:
+        self.stop_apiserver()
+        self.start_apiserver(timeout)
+
+    def _require_cluster(self) -> Cluster:
+        if self.cluster is None:
+            raise UserError("the control plane is not running; start() it first")
+        return self.cluster
 
     def _clean_stale(self) -> None:
         running = self.running()
@@ -370,6 +420,10 @@ class ControlPlane:
             "--allow-privileged=true",
             "--profiling=false",
         ]
+        if not self._watch_cache:
+            # Every watch and list goes to etcd: a compaction is then visible to clients as
+            # 410 Gone instead of being hidden by the cache (reliability tests).
+            args.append("--watch-cache=false")
         if self._encryption_config is not None:
             args.append(f"--encryption-provider-config={self._encryption_config}")
         return args + list(self._extra_apiserver_args)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import email.utils
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,47 @@ METADATA_ITEM = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 JSON_PATCH = "application/json-patch+json"
 
 Observer = Callable[[str, str, int, float], None]
+
+# How often one request is sent again after the API server said "wait" (429, or 5xx with
+# Retry-After), as client-go does, before the caller sees TooManyRequests.
+RETRIES_AFTER_WAIT = 3
+DEFAULT_RETRY_AFTER = 1.0  # a 429 without Retry-After
+MAX_RETRY_AFTER = 120.0  # never trust a header to park the operator for longer
+
+
+class TooManyRequests(Unavailable):
+    """The API server refused the request for now (429 from API Priority and Fairness or a
+    proxy, or a 5xx with Retry-After) and said how long to wait: ``retry_after`` seconds."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float) -> None:
+        super().__init__(status, reason, message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
+
+
+class _Pause(Exception):
+    """One attempt was refused with a Retry-After (internal to ``Kube._request``)."""
+
+    def __init__(self, error: KubeError, retry_after: float) -> None:
+        self.error = error
+        self.retry_after = retry_after
 
 
 def load_api_client(kubeconfig: str | None = None) -> Any:
@@ -49,9 +92,31 @@ class Kube:
         self._api = api_client
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
         self._observe = observe
+        # After a Retry-After, no request of this client for the same kind is sent before
+        # this (monotonic) time: the server's "wait" applies to the flow, not to one request,
+        # so the other threads hold back too instead of collecting 429s of their own. Per
+        # kind, as API Priority and Fairness classifies by resource: throttled DataKey
+        # writes do not hold back the Lease renewal that keeps this replica the leader.
+        self._not_before: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def close(self) -> None:
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def paused_for(self, kind: str) -> float:
+        """Seconds left of the last Retry-After the API server sent for ``kind`` (0: none)."""
+        return max(0.0, self._not_before.get(kind, 0.0) - time.monotonic())
+
+    def _pause(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            until = time.monotonic() + seconds
+            self._not_before[kind] = max(self._not_before.get(kind, 0.0), until)
+
+    def _wait_turn(self, kind: str) -> None:
+        while (delay := self.paused_for(kind)) > 0 and not self._closed.is_set():
+            self._closed.wait(delay)
 
     async def request(
         self,
@@ -70,6 +135,32 @@ class Kube:
         )
 
     def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        content_type: str,
+        query: Mapping[str, str] | None,
+        kind: str,
+        accept: str,
+    ) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            self._wait_turn(kind)
+            try:
+                return self._send(method, path, body, content_type, query, kind, accept)
+            except _Pause as pause:
+                # Refused before it was handled (APF rejects before executing): safe to send
+                # again, for any verb, once the server's wait is over.
+                self._pause(kind, pause.retry_after)
+                attempt += 1
+                if attempt > RETRIES_AFTER_WAIT or self._closed.is_set():
+                    error = pause.error
+                    raise TooManyRequests(
+                        error.status, error.reason, error.message, pause.retry_after
+                    ) from None
+
+    def _send(
         self,
         method: str,
         path: str,
@@ -99,11 +190,11 @@ class Kube:
             data = response.read()
             status = int(response.status)
             if status >= 400:
-                raise _error(status, data)
+                raise _refusal(status, data, response.headers)
             return json.loads(data) if data else {}
         except ApiException as exc:
             status = int(exc.status or 0)
-            raise _error(status, exc.body) from None
+            raise _refusal(status, exc.body, exc.headers) from None
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise Unavailable(0, "Unreachable", type(exc).__name__) from None
         finally:
@@ -174,6 +265,7 @@ class Kube:
         ]
         if label_selector:
             query.append(("labelSelector", label_selector))
+        self._wait_turn(res.kind)
         _method, url, headers, payload, post = self._api.param_serialize(
             "GET",
             res.path(None, None),
@@ -187,12 +279,25 @@ class Kube:
                 _request_timeout=(10, timeout_seconds + 30),
             )  # fmt: skip
         except ApiException as exc:
-            raise _error(int(exc.status or 0), exc.body) from None
+            raise self._watch_refused(
+                res.kind, int(exc.status or 0), exc.body, exc.headers
+            ) from None
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise Unavailable(0, "Unreachable", type(exc).__name__) from None
         if int(response.status) >= 400:
-            raise _error(int(response.status), response.read())
+            status = int(response.status)
+            raise self._watch_refused(res.kind, status, response.read(), response.headers)
         return response.response
+
+    def _watch_refused(
+        self, kind: str, status: int, raw: bytes | str | None, headers: Any
+    ) -> KubeError:
+        refusal = _refusal(status, raw, headers)
+        if isinstance(refusal, _Pause):
+            self._pause(kind, refusal.retry_after)
+            error = refusal.error
+            return TooManyRequests(error.status, error.reason, error.message, refusal.retry_after)
+        return refusal
 
     async def create(
         self, res: Resource, body: Mapping[str, Any], namespace: str | None = None
@@ -237,6 +342,19 @@ class Kube:
     async def delete(self, res: Resource, name: str, namespace: str | None = None) -> None:
         with contextlib.suppress(NotFound):
             await self.request("DELETE", res.path(name, namespace), kind=res.kind)
+
+
+def _refusal(status: int, raw: bytes | str | None, headers: Any) -> KubeError | _Pause:
+    """The error for a failed response; a ``_Pause`` when the server said to wait."""
+    error = _error(status, raw)
+    if status == 429 or (status >= 500 and headers is not None):
+        value = headers.get("Retry-After") if headers is not None else None
+        retry_after = parse_retry_after(value)
+        if retry_after is not None:
+            return _Pause(error, retry_after)
+        if status == 429:
+            return _Pause(error, DEFAULT_RETRY_AFTER)
+    return error
 
 
 def _error(status: int, raw: bytes | str | None) -> KubeError:
