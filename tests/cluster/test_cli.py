@@ -175,7 +175,7 @@ def test_status_of_a_namespace_and_of_all(kube: Cluster, ring: Ring) -> None:
     table = _cli(kube, "status", "-n", ring.ns).stdout
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["NAME", "READY", "KEYRING"]
-    assert any(line.startswith("orders ") and "billing,orders-api" in line for line in lines)
+    assert any(line.startswith("orders ") and "orders-api,billing" in line for line in lines), table
     assert "Created (" in table
 
     everything = _validate(_cli(kube, "status", "-A", "-o", "json").stdout, "StatusReport")

@@ -41,9 +41,9 @@ def _default_paths() -> str:
 def _with_context(kubeconfig: str | None, context: str | None) -> Iterator[str | None]:
     """A kubeconfig path list whose current context is ``context``.
 
-    The kubernetes client merges a ``:``-separated list the way kubectl does (the first file
-    that sets current-context wins), so a first file holding only ``current-context`` selects
-    the context without copying any credentials.
+    The kubernetes client merges a ``:``-separated list of files, and the last one that sets
+    current-context wins, so a last file holding only ``current-context`` selects the context
+    without copying any credentials.
     """
     if not context:
         yield kubeconfig
@@ -61,7 +61,7 @@ def _with_context(kubeconfig: str | None, context: str | None) -> Iterator[str |
             fh,
         )
         fh.flush()
-        yield f"{fh.name}{os.pathsep}{kubeconfig or _default_paths()}"
+        yield f"{kubeconfig or _default_paths()}{os.pathsep}{fh.name}"
 
 
 def connect(args: argparse.Namespace, *, workers: int = 8) -> Kube:

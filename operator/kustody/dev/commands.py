@@ -21,7 +21,10 @@ def default_state_dir() -> Path:
 
 
 def _build(args: argparse.Namespace) -> int:
+    stale = [t.name for t in binaries.TARGETS] if args.force else binaries.stale_targets()
     binaries.build(force=args.force)
+    if not stale:
+        print("nothing to build: the binaries are cached")
     print(f"binaries ready in {binaries.cache_dir()}")
     return 0
 
@@ -46,9 +49,12 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _print_usage(cluster: Cluster) -> None:
+    from kustody.dev.demo import shell_path
+
     print(
         f"\n  export KUBECONFIG={cluster.kubeconfig}\n"
-        f"  {cluster.binaries.kubectl} get namespaces\n\n"
+        f"  export PATH={shell_path(cluster)}:$PATH\n"
+        "  kubectl get namespaces\n\n"
         "Stop it with `kustody dev down` (or `make dev-down`)."
     )
 

@@ -8,6 +8,7 @@ look at. Everything it starts stops with it, even when it is killed.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def _counted(cluster: Cluster) -> int:
         for kr in json.loads(out)["items"]
         for v in (kr.get("status") or {}).get("versions") or ()
     )
+
+
+def shell_path(cluster: Cluster) -> str:
+    """The directories to put first on PATH: this Python's scripts (kustody, kubectl-kustody)
+    and the cached control-plane binaries (kubectl, helm), quoted for a shell."""
+    scripts = Path(sys.executable).parent
+    return ":".join(shlex.quote(str(d)) for d in (scripts, cluster.binaries.directory))
 
 
 def run(state_dir: Path, examples: Path, hold: bool = True) -> int:
@@ -91,12 +99,15 @@ def run(state_dir: Path, examples: Path, hold: bool = True) -> int:
         )  # fmt: skip
         print(status.stdout)
         print(
-            "Try, in another terminal:\n"
+            "Try, in another terminal (the first two lines make kubectl, kustody and the\n"
+            "kubectl kustody plugin the ones this demo uses):\n"
             f"  export KUBECONFIG={cluster.kubeconfig}\n"
-            f"  alias kubectl='{cluster.binaries.kubectl}'\n"
+            f"  export PATH={shell_path(cluster)}:$PATH\n"
+            "  kubectl kustody status -n payments                  # DataKeys, versions, Events\n"
+            "  kubectl kustody rotate payments --wait              # progress of the re-wrap\n"
+            "  kubectl kustody doctor --hsm-socket "
+            f"{sidecar.socket}\n"
             "  kubectl describe datakey card-vault -n payments     # conditions and Events\n"
-            "  kustody rotate payments && kubectl get dk -n payments -w\n"
-            "  kustody status\n"
             "  kubectl delete secret ledger-dek -n payments         # and watch it come back\n\n"
             f"Logs: {operator.proc.logfile}, {sidecar.proc.logfile}\n"
             "Ctrl-C stops everything (or `make demo-down` from another terminal)."

@@ -1,10 +1,10 @@
-"""``kustody operator``, ``kustody rotate`` and ``kustody status``."""
+"""kustody operator: run the operator process (the commands that ask it for something are in
+kustody.cli)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
 import os
 import signal
@@ -12,14 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kustody.domain.specs import RESTORE_ANNOTATION, REWRAP_ANNOTATION, ROTATE_ANNOTATION
-from kustody.domain.timestamps import format_micro_time, parse_time
 from kustody.errors import UserError
 from kustody.handlers.operator import OperatorConfig, RemoteHsm, run
-from kustody.handlers.runtime import datakey_keyring
-from kustody.kube.api import Kube, load_api_client
-from kustody.kube.errors import KubeError, NotFound
-from kustody.kube.resources import DATAKEYS, KEYRINGS
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -56,6 +50,7 @@ def _operator(args: argparse.Namespace) -> int:
         identity=args.identity or "",
         leader_election=not args.no_leader_election,
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
         workers=args.workers,
         resync_seconds=args.resync,
     )
@@ -102,131 +97,6 @@ def _run_with_signals(config: OperatorConfig) -> int:
     return int(box.get("rc", 1))
 
 
-def _kube(args: argparse.Namespace) -> Kube:
-    try:
-        return Kube(load_api_client(args.kubeconfig), workers=4)
-    except Exception as exc:  # the kubernetes package raises several unrelated types here
-        raise UserError(f"cannot load Kubernetes credentials: {exc}") from None
-
-
-def _now_stamp() -> str:
-    return format_micro_time(dt.datetime.now(dt.UTC))
-
-
-def _annotate_keyring(args: argparse.Namespace, key: str, value: str, what: str) -> None:
-    """Set one annotation on a KeyRing: how the CLI asks the operator for an action."""
-    kube = _kube(args)
-
-    async def annotate() -> None:
-        await kube.patch(KEYRINGS, args.keyring, {"metadata": {"annotations": {key: value}}})
-
-    try:
-        asyncio.run(annotate())
-    except NotFound:
-        raise UserError(f"KeyRing {args.keyring} does not exist") from None
-    except KubeError as exc:
-        raise UserError(f"could not request {what} of {args.keyring}: {exc}") from None
-    finally:
-        kube.close()
-
-
-def _rotate(args: argparse.Namespace) -> int:
-    stamp = _now_stamp()
-    _annotate_keyring(args, ROTATE_ANNOTATION, stamp, "rotation")
-    print(f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})")
-    return 0
-
-
-def _rewrap(args: argparse.Namespace) -> int:
-    stamp = _now_stamp()
-    _annotate_keyring(args, REWRAP_ANNOTATION, stamp, "a re-wrap")
-    print(
-        f"re-wrap of KeyRing {args.keyring}'s DataKeys under its primary version requested "
-        f"({REWRAP_ANNOTATION}={stamp})"
-    )
-    return 0
-
-
-def _restore(args: argparse.Namespace) -> int:
-    versions = ",".join(str(v) for v in sorted(set(args.versions)))
-    _annotate_keyring(args, RESTORE_ANNOTATION, f"{versions}@{_now_stamp()}", "a restore")
-    print(f"restore of {args.keyring} version(s) {versions} requested")
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    kube = _kube(args)
-
-    async def fetch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return await kube.list(KEYRINGS), await kube.list(DATAKEYS)
-
-    try:
-        keyrings, datakeys = asyncio.run(fetch())
-    except KubeError as exc:
-        raise UserError(f"could not read KeyRings: {exc}") from None
-    finally:
-        kube.close()
-    print(render_status(keyrings, datakeys, dt.datetime.now(dt.UTC)))
-    return 0
-
-
-def render_status(
-    keyrings: list[dict[str, Any]], datakeys: list[dict[str, Any]], now: dt.datetime
-) -> str:
-    """The text of ``kustody status``: KeyRings, versions, next rotations, destruction impact."""
-    lines: list[str] = []
-    for kr in sorted(keyrings, key=lambda k: k["metadata"]["name"]):
-        name = kr["metadata"]["name"]
-        status = kr.get("status") or {}
-        ready = _ready(status)
-        nxt = parse_time(status.get("nextRotationAt"))
-        when = (
-            "on request only" if nxt is None else f"{status['nextRotationAt']} ({_ago(nxt, now)})"
-        )
-        lines.append(
-            f"KeyRing {name}: Ready={ready.get('status', 'Unknown')} "
-            f"({ready.get('reason', 'Pending')}), primary v{status.get('primaryVersion', '-')}, "
-            f"next rotation {when}"
-        )
-        for v in status.get("versions") or ():
-            extra = f", destroy at {v['destroyAt']}" if v.get("destroyAt") else ""
-            lines.append(
-                f"  v{v['version']:<4} {v.get('state', '?'):<17} "
-                f"fingerprint {v.get('fingerprint', '')}  {v.get('dataKeys', 0)} DataKey(s){extra}"
-            )
-        for impact in status.get("destructionImpact") or ():
-            lines.append(
-                f"  ! destroying v{impact['version']} would make {impact['dataKeys']} DataKey(s) "
-                f"and {impact['secrets']} Secret(s) unreadable"
-            )
-        mine = [d for d in datakeys if datakey_keyring(d) == name]
-        not_ready = [d for d in mine if _ready(d.get("status") or {}).get("status") != "True"]
-        lines.append(f"  DataKeys: {len(mine)}, not Ready: {len(not_ready)}")
-        for d in not_ready[:10]:
-            cond = _ready(d.get("status") or {})
-            lines.append(
-                f"    {d['metadata']['namespace']}/{d['metadata']['name']}: "
-                f"{cond.get('reason', 'Pending')}: {cond.get('message', '')}"
-            )
-    return "\n".join(lines) if lines else "no KeyRings"
-
-
-def _ready(status: dict[str, Any]) -> dict[str, Any]:
-    conditions = status.get("conditions") or ()
-    return next((dict(c) for c in conditions if c.get("type") == "Ready"), {})
-
-
-def _ago(when: dt.datetime, now: dt.datetime) -> str:
-    seconds = int((when - now).total_seconds())
-    word = "in" if seconds >= 0 else "overdue by"
-    seconds = abs(seconds)
-    if seconds >= 86400:
-        return f"{word} {seconds // 86400}d"
-    if seconds >= 3600:
-        return f"{word} {seconds // 3600}h"
-    return f"{word} {seconds // 60}m"
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def with_kubeconfig(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
@@ -236,7 +106,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
         return p
 
-    op = with_kubeconfig(sub.add_parser("operator", help="run the Kustody operator"))
+    op = with_kubeconfig(
+        sub.add_parser(
+            "operator",
+            help="run the Kustody operator",
+            description="Run the Kustody operator: reconcile KeyRings, DataKeys and "
+            "RotationPolicies, talking to the HSM sidecar; one active replica (Lease).",
+        )
+    )
     op.add_argument(
         "--hsm-socket",
         type=Path,
@@ -263,36 +140,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--no-leader-election", action="store_true", help="act without holding the Lease"
     )
     op.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    op.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address /metrics listens on; 0.0.0.0 to be scraped from other pods "
+        "(default: %(default)s)",
+    )
     op.add_argument("--workers", type=int, default=64, help="concurrent reconciles")
     op.add_argument("--resync", type=float, default=300.0, help="seconds between full passes")
     op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     op.set_defaults(func=_operator)
-
-    rotate = with_kubeconfig(sub.add_parser("rotate", help="request a rotation of a KeyRing now"))
-    rotate.add_argument("keyring", help="the KeyRing to rotate")
-    rotate.set_defaults(func=_rotate)
-
-    rewrap = with_kubeconfig(
-        sub.add_parser(
-            "rewrap",
-            help="re-wrap a KeyRing's DataKeys under its primary version now "
-            "(for rewrap: Manual policies, or outside the maintenance window)",
-        )
-    )
-    rewrap.add_argument("keyring", help="the KeyRing")
-    rewrap.set_defaults(func=_rewrap)
-
-    restore = with_kubeconfig(
-        sub.add_parser(
-            "restore",
-            help="bring KeyRing versions back to Enabled (cancels a scheduled destruction)",
-        )
-    )
-    restore.add_argument("keyring", help="the KeyRing")
-    restore.add_argument("versions", type=int, nargs="+", help="version numbers to restore")
-    restore.set_defaults(func=_restore)
-
-    status = with_kubeconfig(
-        sub.add_parser("status", help="KeyRings, versions, next rotations, destruction impact")
-    )
-    status.set_defaults(func=_status)
