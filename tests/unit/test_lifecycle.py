@@ -18,6 +18,7 @@ from kustody.domain.lifecycle import (
     State,
     Version,
     apply,
+    count_references,
     destruction_impact,
     plan,
     superseded_at,
@@ -607,3 +608,33 @@ def test_unknown_policy_free_plan_is_empty() -> None:
 def test_versions_are_values() -> None:
     v = Version(1, State.ENABLED, T0)
     assert replace(v, state=State.DISABLED) != v
+
+
+@st.composite
+def keysets(draw: st.DrawFn, count: int) -> list[tuple[frozenset[int], int | None]]:
+    """DataKeys with several generations each, wrapped under any versions, and a Secret
+    labelled with one of them (or none, or another during a re-wrap)."""
+    numbers = st.integers(1, count)
+    datakeys = draw(st.lists(st.lists(numbers, min_size=1, max_size=4), max_size=6))
+    return [(frozenset(generations), draw(st.none() | numbers)) for generations in datakeys]
+
+
+@FAST
+@given(cases(), st.data())
+def test_prop_no_version_wrapping_any_retained_generation_is_disabled_or_destroyed(
+    case: Case, data: st.DataObject
+) -> None:
+    """Issue 11: a KEK version is referenced while any retained generation of any DataKey
+    is wrapped under it — the planner never moves such a version toward destruction."""
+    used = data.draw(keysets(len(case.versions)))
+    refs = count_references(used)
+    state = {v.version: v.state for v in case.versions}
+    wrapped = {v for generations, _ in used for v in generations}
+    actions = replace(case, refs=refs).plan().actions
+    for action in actions:
+        rearm = (
+            action.kind is ActionKind.SCHEDULE_DESTROY
+            and state[action.version] is State.DESTROY_SCHEDULED
+        )
+        if action.kind in DESTRUCTIVE and not rearm:
+            assert action.version not in wrapped, action

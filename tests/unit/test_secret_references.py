@@ -100,11 +100,12 @@ def test_secret_events_queue_only_the_owning_datakey() -> None:
         watch.secret_event(rt, "ADDED", _secret(f"junk-{i}", owner=("real", "uid-1")))
     assert len(rt.queue) == 0
     watch.secret_event(rt, "ADDED", _secret("real-dek", owner=("real", "uid-1")))
-    assert len(rt.queue) == 1
+    # The owning DataKey now, its KeyRing a moment later (the Secret's version is a reference).
+    assert len(rt.queue) == 2
+    assert asyncio.run(rt.queue.get()) == (DATAKEY, "app", "real")
     watch.secret_event(rt, "DELETED", _secret("real-dek", owner=("real", "uid-1")))
     assert rt.secrets.keys() == []
-    assert len(rt.queue) == 1  # the same key again: still one entry
-    assert asyncio.run(rt.queue.get()) == (DATAKEY, "app", "real")
+    assert asyncio.run(rt.queue.get()) == ("KeyRing", "", "ring")
 
 
 def test_relist_forgets_secrets_that_disappeared() -> None:

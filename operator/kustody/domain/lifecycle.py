@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,6 +104,19 @@ class References:
 
     def count(self, version: int) -> int:
         return self.data_keys.get(version, 0) + self.secrets.get(version, 0)
+
+
+def count_references(used: Iterable[tuple[frozenset[int], int | None]]) -> References:
+    """References from each DataKey that counts: (every KeyRing version any of its retained
+    generations is wrapped under, the version its own Secret is labelled with, if any)."""
+    data_keys: dict[int, int] = {}
+    secrets: dict[int, int] = {}
+    for versions, secret_version in used:
+        for v in versions | ({secret_version} if secret_version else set()):
+            data_keys[v] = data_keys.get(v, 0) + 1
+        if secret_version:
+            secrets[secret_version] = secrets.get(secret_version, 0) + 1
+    return References(data_keys, secrets)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,10 @@ def render(
     version: int,
     generation: int,
     plaintext: bytes | None = None,
+    keyset: str | None = None,
 ) -> SecretContent:
+    """``wrapped``/``version``/``generation`` are the primary generation's (the entries
+    single-key consumers read); ``keyset`` is the whole keyset document, all wrapped."""
     keys = spec.keys
     data = {
         keys.wrapped_key: _b64(wrapped),
@@ -63,6 +66,8 @@ def render(
         keys.version: _b64(str(version)),
         keys.context: _b64(context_document(namespace, name, spec)),
     }
+    if keyset is not None:
+        data[keys.keyset] = _b64(keyset)
     if plaintext is not None:
         data[keys.plaintext] = _b64(plaintext)
     labels = {

@@ -14,6 +14,7 @@ from typing import Any
 
 from kustody.domain.duration import parse_duration
 from kustody.domain.errors import DomainError, InvalidSpec
+from kustody.domain.keyset import DEFAULT_REMOVAL_DELAY, Retention
 
 DEFAULT_DEK_LENGTH = 32
 DEFAULT_DESTROY_AFTER = dt.timedelta(hours=720)
@@ -221,6 +222,7 @@ class SecretKeys:
     version: str = "key-version"
     context: str = "encryption-context"
     plaintext: str = "plaintext-key"
+    keyset: str = "keyset"
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> SecretKeys:
@@ -231,6 +233,7 @@ class SecretKeys:
             version=raw.get("version") or d.version,
             context=raw.get("context") or d.context,
             plaintext=raw.get("plaintext") or d.plaintext,
+            keyset=raw.get("keyset") or d.keyset,
         )
 
 
@@ -253,6 +256,7 @@ class DataKeySpec:
     restart_targets: tuple[RestartTarget, ...]
     expose_plaintext: bool
     consumers: tuple[str, ...] = field(default=())
+    retention: Retention = field(default_factory=Retention)
 
     @classmethod
     def parse(cls, raw: Any) -> DataKeySpec:
@@ -281,4 +285,26 @@ class DataKeySpec:
             restart_targets=tuple(RestartTarget(str(t["kind"]), str(t["name"])) for t in targets),
             expose_plaintext=bool(spec.get("exposePlaintext", False)),
             consumers=tuple(spec.get("consumers") or ()),
+            retention=_retention(_map(spec.get("retention"))),
         )
+
+
+def _retention(raw: Mapping[str, Any]) -> Retention:
+    keep = raw.get("keepGenerations")
+    try:
+        keep_generations = int(keep) if keep is not None else None
+    except (TypeError, ValueError):
+        raise InvalidSpec("spec.retention.keepGenerations must be a whole number") from None
+    if keep_generations is not None and keep_generations < 1:
+        raise InvalidSpec("spec.retention.keepGenerations must be at least 1 (the primary)")
+    return Retention(
+        keep_generations=keep_generations,
+        keep_for=(
+            _duration(raw, "keepFor", "spec.retention.keepFor") if raw.get("keepFor") else None
+        ),
+        removal_delay=(
+            _duration(raw, "removalDelay", "spec.retention.removalDelay")
+            if raw.get("removalDelay")
+            else DEFAULT_REMOVAL_DELAY
+        ),
+    )

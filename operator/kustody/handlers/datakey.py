@@ -10,10 +10,13 @@ A rerun after a crash finds the status and finishes steps 2 and 3; it never gene
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kustody.domain import keyset
 from kustody.domain.conditions import Condition, merge
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError, InvalidSpec
@@ -185,6 +188,20 @@ def _check_keyring(
     return keyring, kr_spec, int(primary)
 
 
+@dataclass
+class _Keys:
+    """What one pass changes about a DataKey's generations, and the Events it owes."""
+
+    generations: list[keyset.Generation]
+    status: dict[str, Any]
+    annotations: Mapping[str, str]
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
+    regenerated: bool = False
+
+    def note(self, reason: str, message: str, *, warning: bool = False) -> None:
+        self.events.append(("Warning" if warning else "Normal", reason, message))
+
+
 async def _converge(
     rt: Runtime,
     obj: Mapping[str, Any],
@@ -195,7 +212,6 @@ async def _converge(
 ) -> float | None:
     meta = obj["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-    status: dict[str, Any] = dict(obj.get("status") or {})
     now = rt.clock()
     binding = Binding(namespace, name, dict(spec.encryption_context))
 
@@ -210,56 +226,31 @@ async def _converge(
         )
         return None
 
-    wrapped = status.get("wrappedKey")
-    if wrapped and (problem := _envelope_problem(wrapped, spec.key_ring)):
-        await _set_not_ready(rt, obj, "EnvelopeMismatch", problem)
-        return None
-    version = int(status.get("keyRingVersion") or 0)
-    generation = int(status.get("dekGeneration") or 0)
-    generated_at = parse_time(status.get("lastGeneratedAt"))
-    event: tuple[str, str] | None = None
+    status: dict[str, Any] = dict(obj.get("status") or {})
+    keys = _Keys(keyset.from_status(status, uid), status, meta.get("annotations") or {})
+    for g in keys.generations:
+        if problem := _envelope_problem(g.wrapped, spec.key_ring):
+            await _set_not_ready(rt, obj, "EnvelopeMismatch", problem)
+            return None
     try:
-        if not wrapped or (
-            spec.regenerate_after is not None
-            and generated_at is not None
-            and now >= generated_at + spec.regenerate_after
-        ):
-            key = await rt.generate(
-                GenerateItem(spec.key_ring, binding, version=primary, length=spec.length)
-            )
-            wrapped, version, generation = key.wrapped, key.version, generation + 1
-            status["lastGeneratedAt"] = format_time(now)
-            rt.metrics.generations.inc()
-            event = (
-                ("Created", f"generated data key (generation 1) under {spec.key_ring} v{version}")
-                if generation == 1
-                else (
-                    "Regenerated",
-                    f"generated new data key material (generation {generation}) after "
-                    f"regenerateAfter, under {spec.key_ring} v{version}",
-                )
-            )
-        elif version != primary and _rewrap_allowed(
-            rt, kr_spec, keyring, now, parse_time(status.get("lastRewrapAt"))
-        ):
-            moved = await rt.rewrap(wrapped, binding, primary)
-            old, wrapped, version = version, moved.wrapped, moved.to_version
-            status["lastRewrapAt"] = format_time(now)
-            rt.metrics.rewraps.inc()
-            event = ("Rewrapped", f"re-wrapped data key from {spec.key_ring} v{old} to v{version}")
+        await _generate_if_due(rt, keys, spec, binding, primary, uid, now)
+        if _rewrap_allowed(rt, kr_spec, keyring, now, parse_time(status.get("lastRewrapAt"))):
+            await _rewrap_generations(rt, keys, spec, binding, primary, now)
     except HsmError as exc:
-        await _hsm_failed(rt, obj, bool(wrapped) and secret is not None, exc)
+        await _hsm_failed(rt, obj, bool(keys.generations) and secret is not None, exc)
         raise
+    next_removal = _retain(rt, keys, spec, obj, now)
 
-    content = await _desired_secret(
-        rt, namespace, name, spec, kr_spec, wrapped, version, generation, binding
-    )
+    current = keyset.primary(keys.generations)
+    assert current is not None  # _generate_if_due made one
+    content = await _desired_secret(rt, namespace, name, spec, kr_spec, keys, binding)
     # 1. The key material goes into the status first: it is the record everything else is
     #    restored from, so a crash after this line loses nothing.
     status.update(
-        wrappedKey=wrapped,
-        keyRingVersion=version,
-        dekGeneration=generation,
+        generations=keyset.to_status(keys.generations),
+        wrappedKey=current.wrapped,
+        keyRingVersion=current.version,
+        dekGeneration=current.generation,
         secretRef={"name": spec.secret_name},
         observedGeneration=meta.get("generation"),
     )
@@ -267,8 +258,8 @@ async def _converge(
     if recorded is not obj:
         rt.enqueue(KEYRING, None, spec.key_ring, delay=1.0)  # its references and Rotating
     obj = recorded
-    if event is not None:
-        await rt.events.normal(obj, *event)
+    for kind, reason, message in keys.events:
+        await (rt.events.normal if kind == "Normal" else rt.events.warning)(obj, reason, message)
 
     # 2. Then the Secret. A write the API server refuses makes the DataKey not Ready.
     try:
@@ -291,26 +282,145 @@ async def _converge(
 
     # 3. Only now, with the Secret written and its response checked, Ready. (The version is
     #    in status.keyRingVersion; leaving it out of the message spares a write per re-wrap.)
+    count = len(keys.generations)
     ready = Condition(
         "Ready",
         True,
         "KeyAvailable",
-        f"Secret {spec.secret_name} holds the data key (generation {generation}) wrapped "
-        f"under KeyRing {spec.key_ring}",
+        f"Secret {spec.secret_name} holds the data key (generation {current.generation}"
+        f"{f', {count} generations in the keyset' if count > 1 else ''}) wrapped under "
+        f"KeyRing {spec.key_ring}",
     )
     done = dict(obj.get("status") or {})
     done["conditions"] = merge(
         done.get("conditions") or (), [ready], meta.get("generation") or 0, now
     )
     obj = await _write_status(rt, obj, done)
-    if generation >= 2:
-        await _restart_targets(rt, obj, spec, generation)
+    if current.generation >= 2:
+        await _restart_targets(rt, obj, spec, current.generation)
 
-    if spec.regenerate_after is not None:
-        due = parse_time(status.get("lastGeneratedAt"))
-        if due is not None:
-            return max(1.0, (due + spec.regenerate_after - now).total_seconds())
-    return None
+    due = [t for t in (next_removal, _regeneration_due(spec, status)) if t is not None]
+    return max(1.0, (min(due) - now).total_seconds()) if due else None
+
+
+def _regeneration_due(spec: DataKeySpec, status: Mapping[str, Any]) -> dt.datetime | None:
+    generated = parse_time(status.get("lastGeneratedAt"))
+    if spec.regenerate_after is None or generated is None:
+        return None
+    return generated + spec.regenerate_after
+
+
+async def _generate_if_due(
+    rt: Runtime,
+    keys: _Keys,
+    spec: DataKeySpec,
+    binding: Binding,
+    primary: int,
+    uid: str,
+    now: dt.datetime,
+) -> None:
+    """New key material when there is none, or when regenerateAfter has passed. The earlier
+    generations stay in the keyset, decrypt-only."""
+    due = _regeneration_due(spec, keys.status)
+    annotations = keys.annotations
+    requested = annotations.get(keyset.REGENERATE_ANNOTATION)
+    asked = bool(requested) and requested != keys.status.get("lastRegenerateRequest")
+    if keys.generations and not asked and (due is None or now < due):
+        return
+    key = await rt.generate(
+        GenerateItem(spec.key_ring, binding, version=primary, length=spec.length)
+    )
+    keys.generations = keyset.add_generation(
+        keys.generations, uid=uid, wrapped=key.wrapped, version=key.version, now=now
+    )
+    keys.status["lastGeneratedAt"] = format_time(now)
+    if asked:
+        keys.status["lastRegenerateRequest"] = requested
+    keys.regenerated = True
+    rt.metrics.generations.inc()
+    new = keyset.primary(keys.generations)
+    assert new is not None
+    if new.generation == 1:
+        keys.note(
+            "Created",
+            f"generated data key (generation 1, key id {new.key_id:08x}) under "
+            f"{spec.key_ring} v{key.version}",
+        )
+    else:
+        keys.note(
+            "Regenerated",
+            f"generated new data key material (generation {new.generation}, key id "
+            f"{new.key_id:08x}) {'on request' if asked else 'after regenerateAfter'}, under "
+            f"{spec.key_ring} v{key.version}; "
+            f"generation {new.generation - 1} stays in the keyset, decrypt-only",
+        )
+
+
+async def _rewrap_generations(
+    rt: Runtime,
+    keys: _Keys,
+    spec: DataKeySpec,
+    binding: Binding,
+    primary: int,
+    now: dt.datetime,
+) -> None:
+    """A KeyRing rotation re-wraps every generation still in the keyset (same DEKs)."""
+    stale = [g for g in keys.generations if g.version != primary]
+    if not stale:
+        return
+    moved = await asyncio.gather(*(rt.rewrap(g.wrapped, binding, primary) for g in stale))
+    by_generation = {g.generation: m for g, m in zip(stale, moved, strict=True)}
+    keys.generations = [
+        replace(g, wrapped=by_generation[g.generation].wrapped,
+                version=by_generation[g.generation].to_version)
+        if g.generation in by_generation
+        else g
+        for g in keys.generations
+    ]  # fmt: skip
+    keys.status["lastRewrapAt"] = format_time(now)
+    rt.metrics.rewraps.inc()
+    old = sorted({g.version for g in stale})
+    keys.note(
+        "Rewrapped",
+        f"re-wrapped {len(stale)} generation(s) from {spec.key_ring} "
+        f"v{','.join(map(str, old))} to v{primary}",
+    )
+
+
+def _retain(
+    rt: Runtime, keys: _Keys, spec: DataKeySpec, obj: Mapping[str, Any], now: dt.datetime
+) -> dt.datetime | None:
+    """Staged removal of decrypt-only generations, only as spec.retention asks."""
+    kept = keyset.parse_keep(keys.annotations.get(keyset.KEEP_ANNOTATION))
+    keys.generations, changes, due = keyset.plan_retention(
+        keys.generations, spec.retention, kept, now
+    )
+    for change in changes:
+        g = change.generation
+        if change.kind == "RemovalScheduled":
+            when = format_time(g.remove_at) if g.remove_at else "?"
+            message = (
+                f"generation {g.generation} (key id {g.key_id:08x}) will be removed from the "
+                f"keyset at {when} (spec.retention); data encrypted under it becomes "
+                f"unreadable then. To keep it: kustody datakey keep "
+                f"{obj['metadata']['namespace']}/{obj['metadata']['name']} {g.generation}"
+            )
+            keys.note("GenerationRemovalScheduled", message, warning=True)
+        elif change.kind == "RemovalCancelled":
+            keys.note(
+                "GenerationRemovalCancelled",
+                f"generation {g.generation} (key id {g.key_id:08x}) stays in the keyset",
+            )
+        else:
+            rt.metrics.generations_removed.inc()
+            keys.note(
+                "GenerationRemoved",
+                f"generation {g.generation} (key id {g.key_id:08x}) removed from the keyset "
+                "(its waiting period ended); data encrypted under it can no longer be "
+                "decrypted",
+                warning=True,
+            )
+    return due
 
 
 async def _write_status(
@@ -358,24 +468,25 @@ async def _desired_secret(
     name: str,
     spec: DataKeySpec,
     kr_spec: KeyRingSpec,
-    wrapped: str,
-    version: int,
-    generation: int,
+    keys: _Keys,
     binding: Binding,
 ) -> SecretContent:
+    current = keyset.primary(keys.generations)
+    assert current is not None
     plaintext = None
     if spec.expose_plaintext and kr_spec.allow_plaintext_export:
         plaintext = await rt.call_hsm(
-            "Decrypt", rt.hsm.decrypt(wrapped, binding, allow_plaintext_export=True)
+            "Decrypt", rt.hsm.decrypt(current.wrapped, binding, allow_plaintext_export=True)
         )
     return render(
         namespace,
         name,
         spec,
-        wrapped=wrapped,
-        version=version,
-        generation=generation,
+        wrapped=current.wrapped,
+        version=current.version,
+        generation=current.generation,
         plaintext=plaintext,
+        keyset=keyset.wrapped_keyset_document(keys.generations),
     )
 
 

@@ -9,13 +9,12 @@ view repeats at most an idempotent step.
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from kustody.domain import lifecycle
+from kustody.domain import keyset, lifecycle
 from kustody.domain.conditions import Condition, merge
 from kustody.domain.errors import InvalidSpec
 from kustody.domain.lifecycle import ActionKind, References, State, Version
@@ -362,22 +361,22 @@ async def _references(
     else:
         datakeys = rt.datakeys.by_index(keyring)
         secrets = {key_of(s): s for s in rt.secrets.by_index(keyring)}
-    dk_counts: collections.Counter[int] = collections.Counter()
-    secret_counts: collections.Counter[int] = collections.Counter()
+    used: list[tuple[frozenset[int], int | None]] = []
     for dk in datakeys:
         namespace = str(dk["metadata"].get("namespace") or "")
         if not rt.namespace_allowed(allowed, namespace):
             continue
-        used: set[int] = set()
-        if v := (dk.get("status") or {}).get("keyRingVersion"):
-            used.add(int(v))
+        status = dk.get("status") or {}
+        generations = keyset.from_status(status, str(dk["metadata"].get("uid") or ""))
+        versions = keyset.versions_in_use(generations)
+        if v := status.get("keyRingVersion"):
+            versions.add(int(v))
         secret = secrets.get((namespace, status_secret_name(dk) or ""))
         sv = _secret_version(secret) if secret is not None else None
-        if secret is not None and sv is not None and is_datakey_secret(secret, dk):
-            used.add(sv)
-            secret_counts[sv] += 1
-        dk_counts.update(used)
-    return References(dict(dk_counts), dict(secret_counts))
+        if secret is None or not is_datakey_secret(secret, dk):
+            sv = None
+        used.append((frozenset(versions), sv))
+    return lifecycle.count_references(used)
 
 
 def _secret_version(secret: Mapping[str, Any]) -> int | None:
@@ -484,7 +483,12 @@ def _summarise(
     behind = sum(
         1
         for d in datakeys
-        if (v := (d.get("status") or {}).get("keyRingVersion")) and int(v) != primary
+        if any(
+            v != primary
+            for v in keyset.versions_in_use(
+                keyset.from_status(d.get("status") or {}, str(d["metadata"].get("uid") or ""))
+            )
+        )
     )
     manual = policy is not None and policy.rewrap is Rewrap.MANUAL
     if behind and not manual:

@@ -96,6 +96,11 @@ class OperatorMetrics:
             "Data keys generated (new DEK material)",
             registry=self.registry,
         )
+        self.generations_removed = Counter(
+            "kustody_dek_generations_removed",
+            "DEK generations removed from a keyset after their staged removal (spec.retention)",
+            registry=self.registry,
+        )
         self.secret_write_failures = Counter(
             "kustody_secret_write_failures",
             "DataKey Secret writes the API server refused or stored differently",

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from kustody.domain.secret import LABEL_DATAKEY, MANAGED_BY, MANAGER
+from kustody.domain.secret import LABEL_DATAKEY, LABEL_KEYRING, MANAGED_BY, MANAGER
 from kustody.handlers.runtime import (
     DATAKEY,
     KEYRING,
@@ -109,6 +109,10 @@ def secret_event(rt: Runtime, kind: str, secret: Obj) -> None:
     dk_name = owner[0] if owner else (meta.get("labels") or {}).get(LABEL_DATAKEY)
     if dk_name:
         rt.enqueue(DATAKEY, namespace, str(dk_name))
+    # The version a DataKey's own Secret is labelled with is a reference: a re-wrap finishes
+    # when the Secret carries the new version, so its KeyRing looks again then.
+    if ring := (meta.get("labels") or {}).get(LABEL_KEYRING):
+        rt.enqueue(KEYRING, None, str(ring), delay=1.0)
 
 
 def secrets_relisted(rt: Runtime, secrets: Sequence[Obj]) -> None:
