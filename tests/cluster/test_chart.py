@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 import secrets
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -163,11 +164,12 @@ def test_default_mode_softhsm_on_a_claim_with_an_init_container(kube: Cluster) -
     spec = _pod_spec(docs)
     assert [c["name"] for c in spec["containers"]] == ["operator", "hsm"]
     assert [c["name"] for c in spec["initContainers"]] == ["init-token"]
-    assert "softhsm2-util --init-token" in spec["initContainers"][0]["args"][0]
+    assert spec["initContainers"][0]["command"] == ["python", "/etc/softhsm/init-token.py"]
     assert _one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["token"]["persistentVolumeClaim"]["claimName"] == "kustody-token"
     assert volumes["pin"]["secret"]["secretName"] == "kustody-pin"
+    assert volumes["token-init-pins"]["secret"]["secretName"] == "kustody-pin"
     pvc = _one(docs, "PersistentVolumeClaim")
     assert pvc["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     conf = _one(docs, "ConfigMap")["data"]["softhsm2.conf"]
@@ -280,12 +282,9 @@ def test_kms_and_unwrap_options(kube: Cluster) -> None:
     assert volumes["unwrap-tls"]["secret"]["secretName"] == "unwrap-tls"
     unwrap = _one(docs, "Service", "kustody-unwrap")
     assert unwrap["spec"]["ports"][0]["targetPort"] == "unwrap"
-    rules = _one(docs, "ClusterRole")["rules"]
-    assert {
-        "apiGroups": ["authentication.k8s.io"],
-        "resources": ["tokenreviews"],
-        "verbs": ["create"],
-    } in rules
+    operator_rules = _flatten(_one(docs, "ClusterRole", "kustody")["rules"])
+    assert ("authentication.k8s.io", "tokenreviews") not in operator_rules
+    assert _flatten(_one(docs, "ClusterRole", "kustody-unwrap")["rules"]) == UNWRAP_RULES
 
 
 def _metric_names() -> set[str]:
@@ -354,6 +353,14 @@ EXPECTED_CLUSTER_RULES = {
     ("apps", "statefulsets"): {"get", "patch"},
     ("apps", "daemonsets"): {"get", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+}
+
+
+UNWRAP_RULES = {
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+    ("kustody.io", "datakeys"): {"get"},
+    ("kustody.io", "keyrings"): {"get"},
+    ("", "namespaces"): {"get"},
 }
 
 
@@ -485,11 +492,111 @@ def _ready(cluster: Cluster, *args: str) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
+def _init_token_as_the_chart_does(cluster: Cluster, ns: str, directory: Path) -> SoftHSMToken:
+    """The installed release's init step, run here: its program (ConfigMap), its environment
+    (Deployment) and the PINs the chart generated (Secret). The returned token's PIN file sits
+    in a directory with the user PIN alone, as the sidecar's volume projects it."""
+    import os
+    import sys
+
+    from kustody.dev.softhsm import find_module
+
+    script = _get(cluster, "-n", ns, "configmap", "kustody-softhsm")["data"]["init-token.py"]
+    pod = _get(cluster, "-n", ns, "deployment", "kustody")["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["initContainers"][0]["env"]}
+    pins = _get(cluster, "-n", ns, "secret", "kustody-pin")["data"]
+    (directory / "tokens").mkdir(parents=True)
+    conf = directory / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n"
+    )
+    for sub, keys in (("init-pin", ("so-pin", "user-pin")), ("pin", ("user-pin",))):
+        (directory / sub).mkdir(mode=0o700)
+        for key in keys:
+            fd = os.open(directory / sub / key, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, base64.b64decode(pins[key]))
+            os.close(fd)
+    (directory / "init-token.py").write_text(script)
+    run_env = {
+        **os.environ,
+        **env,
+        "PKCS11_MODULE": str(find_module()),
+        "PIN_DIR": str(directory / "init-pin"),
+        "SOFTHSM2_CONF": str(conf),
+    }
+    result = subprocess.run(
+        [sys.executable, str(directory / "init-token.py")],
+        env=run_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return SoftHSMToken(
+        directory, env["TOKEN_LABEL"], find_module(), conf,
+        directory / "pin" / "user-pin", directory / "init-pin" / "so-pin",
+    )  # fmt: skip
+
+
+def _unwrap_pki(directory: Path) -> dict[str, Path]:
+    """A CA and a serving certificate for 127.0.0.1 (what cert-manager would issue)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kustody-unwrap-ca")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kustody-unwrap")])
+    valid = (now - dt.timedelta(minutes=5), now + dt.timedelta(hours=2))
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0]).not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(ca_name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0]).not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {n: directory / f"{n}.pem" for n in ("ca", "cert", "key")}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["cert"].write_bytes(cert.public_bytes(pem))
+    paths["key"].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def test_chart_crds_with_keep_survive_uninstall_and_the_operator_runs_under_chart_rbac(
-    fresh_cluster: Cluster,
-    make_softhsm_token: Callable[[str], SoftHSMToken],
-    tmp_path: Path,
+    fresh_cluster: Cluster, tmp_path: Path
 ) -> None:
+    """The release as the chart wires it, minus the kubelet: the token initialised by the
+    chart's init step with the chart's PINs; the sidecar with only the user PIN and, for the
+    unwrap service, only the unwrap ServiceAccount's token; the operator with only its own
+    token, under the chart's RBAC and admission policies (its Secret creates and restoring
+    patches pass them); a workload unwraps its key."""
+    from kustody.client import UnwrapClient
+
     cluster, ns, release = fresh_cluster, "kustody-system", "kustody"
     cluster.kubectl("create", "namespace", ns)
     install = cluster.helm("install", release, str(CHART), "--namespace", ns, "--no-hooks")
@@ -498,11 +605,20 @@ def test_chart_crds_with_keep_survive_uninstall_and_the_operator_runs_under_char
         "wait", "--for=condition=Established", "--timeout=60s",
         "crd/keyrings.kustody.io", "crd/datakeys.kustody.io", "crd/rotationpolicies.kustody.io",
     )  # fmt: skip
-    upgrade = cluster.helm("upgrade", release, str(CHART), "--namespace", ns, "--no-hooks")
+    upgrade = cluster.helm("upgrade", release, str(CHART), "--namespace", ns, "--no-hooks", *UNWRAP)
     assert "REVISION: 2" in upgrade.stdout
 
+    token = _init_token_as_the_chart_does(cluster, ns, tmp_path / "token")
+    assert sorted(p.name for p in token.pin_file.parent.iterdir()) == ["user-pin"]
+    unwrap_sa = _as_token(cluster, _token_data(cluster, ns, "kustody-unwrap-token"), tmp_path / "u")
+    pki = _unwrap_pki(tmp_path / "pki")
+    sidecar = Sidecar(
+        tmp_path / "hsm", token,
+        workload_listen=f"127.0.0.1:{_free_port()}",
+        workload_tls_cert=pki["cert"], workload_tls_key=pki["key"],
+        kubeconfig=unwrap_sa.kubeconfig,
+    ).start()  # fmt: skip
     # The operator process, authenticated as the chart's ServiceAccount and nothing else.
-    sidecar = Sidecar(tmp_path / "hsm", make_softhsm_token("kustody")).start()
     as_sa = _sa_cluster(cluster, ns, release, tmp_path / "sa")
     operator = Operator(
         tmp_path / "operator", as_sa, sidecar.socket, extra_args=("--namespace", ns)
@@ -515,10 +631,38 @@ def test_chart_crds_with_keep_survive_uninstall_and_the_operator_runs_under_char
         _eventually(lambda: _ready(cluster, "keyring", "payments"), 90, "KeyRing Ready")
         for dk in ("ledger", "card-vault"):
             _eventually(lambda dk=dk: _ready(cluster, "-n", "payments", "datakey", dk), 90, dk)
-        _get(cluster, "-n", "payments", "secret", "ledger-dek")
-        assert "forbidden" not in operator.log().lower(), operator.log()[-3000:]
+        published = _get(cluster, "-n", "payments", "secret", "ledger-dek")["data"]
+        # An edited Secret is restored: the operator's patch passes the admission policy.
+        edited = {"data": {"wrapped-key": base64.b64encode(b"edited").decode()}}
+        cluster.kubectl(
+            "-n", "payments", "patch", "secret", "ledger-dek", "--type=merge",
+            "-p", json.dumps(edited),
+        )  # fmt: skip
+        _eventually(
+            lambda: _get(cluster, "-n", "payments", "secret", "ledger-dek")["data"] == published,
+            90, "the operator to restore ledger-dek",
+        )  # fmt: skip
+        log = operator.log().lower()
+        assert "forbidden" not in log, operator.log()[-3000:]
+        assert "denied" not in log, operator.log()[-3000:]
         lease = _get(cluster, "-n", ns, "lease", "kustody-operator")
         assert lease["spec"]["holderIdentity"]
+
+        # A workload unwraps through the unwrap service, which holds only its own identity.
+        cluster.kubectl("-n", "payments", "create", "serviceaccount", "ledger")
+        caller = cluster.kubectl(
+            "create", "token", "ledger", "-n", "payments", "--audience=kustody"
+        ).stdout.strip()  # fmt: skip
+        (tmp_path / "caller-token").write_text(caller)
+        secret_dir = tmp_path / "ledger-dek"
+        secret_dir.mkdir()
+        for key, value in published.items():
+            (secret_dir / key).write_bytes(base64.b64decode(value))
+        with UnwrapClient(
+            sidecar.workload_listen or "", ca_file=pki["ca"],
+            token_file=tmp_path / "caller-token", attempts=1,
+        ) as client:  # fmt: skip
+            assert len(client.unwrap(secret_dir)) == 32
     finally:
         operator.stop()
         sidecar.stop()
@@ -529,3 +673,543 @@ def test_chart_crds_with_keep_survive_uninstall_and_the_operator_runs_under_char
         assert f"customresourcedefinition.apiextensions.k8s.io/{crd}.kustody.io" in names
     assert _get(cluster, "keyring", "payments")["metadata"]["name"] == "payments"
     assert _get(cluster, "-n", "payments", "datakey", "ledger")["status"]["conditions"]
+
+
+# -- issue 9: a compromised container is not a compromised cluster ----------------------------
+
+SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+UNWRAP = ("--set", "unwrap.enabled=true", "--set", "unwrap.tlsSecret=unwrap-tls")
+
+
+def _token_volumes(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Volumes that carry a ServiceAccount token: projected tokens and token Secrets."""
+    out = {}
+    for v in spec["volumes"]:
+        sources = v.get("projected", {}).get("sources", [])
+        if any("serviceAccountToken" in s for s in sources) or v["name"].endswith("-token"):
+            out[v["name"]] = v
+    return out
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+
+
+def _containers(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in spec["containers"] + spec.get("initContainers", [])}
+
+
+def test_operator_token_reaches_only_the_operator_container(kube: Cluster) -> None:
+    """Rendered: no automount; the operator's projected token in the operator container
+    alone; the hsm container holds no token, or with unwrap only the unwrap SA's token."""
+    remote = ["-f", str(CHART / "ci" / "remote-kms-values.yaml")]
+    for args, hsm_token in (([], None), (list(UNWRAP), "unwrap-token"), (remote, None)):
+        docs = _render(kube, *args)
+        spec = _pod_spec(docs)
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["serviceAccountName"] == "kustody"
+        api_access = {v["name"]: v for v in spec["volumes"]}["kube-api-access"]["projected"]
+        assert {"path": "token", "expirationSeconds": 3607} in [
+            s.get("serviceAccountToken") for s in api_access["sources"]
+        ]
+        containers = _containers(spec)
+        assert _mounts(containers["operator"])[SA_PATH] == "kube-api-access"
+        for name, c in containers.items():
+            if name != "operator":
+                assert "kube-api-access" not in _mounts(c).values(), name
+        if "hsm" in containers:
+            assert _mounts(containers["hsm"]).get(SA_PATH) == hsm_token
+        if "init-token" in containers:
+            assert not set(_mounts(containers["init-token"]).values()) & set(_token_volumes(spec))
+        if hsm_token:
+            volume = _token_volumes(spec)[hsm_token]
+            assert volume["secret"]["secretName"] == "kustody-unwrap-token"
+            token_secret = _one(docs, "Secret", "kustody-unwrap-token")
+            assert token_secret["type"] == "kubernetes.io/service-account-token"
+            assert token_secret["metadata"]["annotations"] == {
+                "kubernetes.io/service-account.name": "kustody-unwrap"
+            }
+            binding = _one(docs, "ClusterRoleBinding", "kustody-unwrap")
+            assert binding["subjects"][0]["name"] == "kustody-unwrap"
+        else:
+            assert not [d for d in docs if d["metadata"]["name"].startswith("kustody-unwrap")]
+
+
+def _pod_from(kube: Cluster, ns: str, deployment: str) -> dict[str, Any]:
+    """The pod the API server would store for the Deployment (ServiceAccount admission
+    included), created with --dry-run=server: no kubelet runs here."""
+    template = _get(kube, "-n", ns, "deployment", deployment)["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe", "labels": template["metadata"].get("labels", {})},
+        "spec": template["spec"],
+    }
+    out = kube.kubectl(
+        "-n", ns, "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod)
+    ).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def _token_data(kube: Cluster, ns: str, secret: str) -> str:
+    """The token kube-controller-manager writes into a service-account-token Secret."""
+
+    def filled() -> bool:
+        return "token" in (_get(kube, "-n", ns, "secret", secret).get("data") or {})
+
+    _eventually(filled, 60, f"kube-controller-manager to fill {secret}")
+    data = _get(kube, "-n", ns, "secret", secret)["data"]
+    assert set(data) == {"token", "ca.crt", "namespace"}
+    return base64.b64decode(data["token"]).decode()
+
+
+def _as_token(cluster: Cluster, token: str, state_dir: Path) -> Cluster:
+    """The same cluster seen with a bearer token (a kubeconfig in ``state_dir``)."""
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config["users"] = [{"name": "sa", "user": {"token": token}}]
+    for ctx in config["contexts"]:
+        ctx["context"]["user"] = "sa"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "kubeconfig").write_text(yaml.safe_dump(config))
+    return dataclasses.replace(cluster, state_dir=state_dir)
+
+
+@pytest.fixture(scope="module")
+def unwrap_release(kube: Cluster, kustody_crds: Path) -> Iterator[tuple[str, str]]:
+    """The chart installed with unwrap on, in a namespace enforcing `restricted`."""
+    ns, release = f"kustody-{secrets.token_hex(3)}", f"ku{secrets.token_hex(3)}"
+    kube.kubectl("create", "namespace", ns)
+    kube.kubectl("label", "namespace", ns, *RESTRICTED)
+    kube.helm(
+        "install", release, str(CHART), "--namespace", ns, "--no-hooks",
+        "--set", "crds.enabled=false", *UNWRAP,
+    )  # fmt: skip
+    yield ns, f"{release}-kustody"
+    kube.helm("uninstall", release, "--namespace", ns, "--no-hooks", check=False)
+    kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_sidecar_and_operator_have_separate_least_privilege_identities(
+    kube: Cluster, unwrap_release: tuple[str, str], tmp_path: Path
+) -> None:
+    """Compromised hsm container: it holds only the unwrap identity, which can review tokens
+    and read DataKeys, KeyRings and Namespaces but cannot read a Secret or write anything;
+    the operator identity can no longer review tokens. Checked on the pod the API server would
+    admit and with the real token kube-controller-manager issues."""
+    ns, full = unwrap_release
+    pod = _pod_from(kube, ns, full)
+    containers = _containers(pod["spec"])
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    # The ServiceAccount admission plugin injected no kube-api-access-xxxxx volume anywhere.
+    assert [v["name"] for v in pod["spec"]["volumes"] if v["name"].startswith("kube-api")] == [
+        "kube-api-access"
+    ]
+    assert _mounts(containers["operator"])[SA_PATH] == "kube-api-access"
+    assert _mounts(containers["hsm"])[SA_PATH] == "unwrap-token"
+    assert SA_PATH not in _mounts(containers["init-token"])
+
+    token = _token_data(kube, ns, f"{full}-unwrap-token")
+    as_unwrap = _as_token(kube, token, tmp_path / "unwrap")
+    who = json.loads(as_unwrap.kubectl("auth", "whoami", "-o", "json").stdout)
+    assert who["status"]["userInfo"]["username"] == f"system:serviceaccount:{ns}:{full}-unwrap"
+    review = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token},
+    }
+    reviewed = as_unwrap.kubectl(
+        "create",
+        "--validate=false",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        input=json.dumps(review),
+        check=False,
+    )
+    assert reviewed.returncode == 0, reviewed.stderr
+    assert json.loads(reviewed.stdout)["status"]["authenticated"] is True
+    for verb, *what in [
+        ("get", "datakeys.kustody.io", "-n", "default"),
+        ("get", "keyrings.kustody.io"),
+        ("get", "namespaces"),
+        ("create", "tokenreviews.authentication.k8s.io"),
+    ]:
+        assert as_unwrap.kubectl("auth", "can-i", verb, *what).stdout.strip() == "yes", what
+    for verb, *what in [
+        ("get", "secrets", "-n", ns),
+        ("list", "secrets", "--all-namespaces"),
+        ("create", "secrets", "-n", "default"),
+        ("list", "datakeys.kustody.io", "--all-namespaces"),
+        ("patch", "datakeys.kustody.io", "-n", "default", "--subresource=status"),
+        ("patch", "deployments.apps", "-n", "default"),
+        ("update", "leases.coordination.k8s.io/kustody-operator", "-n", ns),
+        ("create", "serviceaccounts/token", "-n", ns),
+    ]:
+        r = as_unwrap.kubectl("auth", "can-i", verb, *what, check=False)
+        assert r.stdout.strip() == "no", (verb, what)
+    refused = as_unwrap.kubectl("-n", ns, "get", "secret", f"{full}-pin", check=False)
+    assert refused.returncode != 0
+    assert "forbidden" in refused.stderr.lower()
+    operator = f"system:serviceaccount:{ns}:{full}"
+    r = kube.kubectl(
+        "auth", "can-i", "create", "tokenreviews.authentication.k8s.io", f"--as={operator}",
+        check=False,
+    )  # fmt: skip
+    assert r.stdout.strip() == "no"
+
+
+def test_unwrap_network_policy_admits_labelled_namespaces_by_default(
+    kube: Cluster, unwrap_release: tuple[str, str]
+) -> None:
+    """Pod in another namespace: the unwrap port is open only to namespaces labelled
+    kustody.io/unwrap=true unless the installer explicitly chooses any peer ([])."""
+    ns, full = unwrap_release
+    labelled = [{"namespaceSelector": {"matchLabels": {"kustody.io/unwrap": "true"}}}]
+    stored = _get(kube, "-n", ns, "networkpolicy", full)["spec"]["ingress"]
+    unwrap_rule = [r for r in stored if r["ports"][0]["port"] == "unwrap"]
+    assert unwrap_rule == [{"ports": [{"port": "unwrap", "protocol": "TCP"}], "from": labelled}]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["networkPolicy"]["unwrapFrom"] == labelled
+    anyone = _render(kube, *UNWRAP, "--set-json", "networkPolicy.unwrapFrom=[]")
+    rules = _one(anyone, "NetworkPolicy")["spec"]["ingress"]
+    assert {"ports": [{"port": "unwrap", "protocol": "TCP"}]} in rules
+    mine = [{"namespaceSelector": {"matchLabels": {"team": "payments"}}}]
+    custom = _render(kube, *UNWRAP, "--set-json", f"networkPolicy.unwrapFrom={json.dumps(mine)}")
+    rules = _one(custom, "NetworkPolicy")["spec"]["ingress"]
+    assert {"ports": [{"port": "unwrap", "protocol": "TCP"}], "from": mine} in rules
+
+
+def _forbidden_by_policy(result: subprocess.CompletedProcess[str], policy: str) -> bool:
+    return result.returncode != 0 and f"ValidatingAdmissionPolicy '{policy}'" in result.stderr
+
+
+KUSTODY_LABELS = {
+    "app.kubernetes.io/managed-by": "kustody",
+    "kustody.io/datakey": "ledger",
+    "kustody.io/keyring": "payments",
+    "kustody.io/keyring-version": "1",
+}
+DATAKEY_OWNER = {
+    "apiVersion": "kustody.io/v1alpha1",
+    "kind": "DataKey",
+    "name": "ledger",
+    "uid": "00000000-0000-4000-8000-000000000001",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+
+
+def _kustody_secret(
+    name: str,
+    ns: str,
+    *,
+    labels: dict[str, str] | None = None,
+    owners: list[dict[str, Any]] | None = None,
+    type: str = "kustody.io/wrapped-key",
+) -> dict[str, Any]:
+    """A Secret as the operator writes it for DataKey ``ledger`` (or with the given parts)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": type,
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": KUSTODY_LABELS if labels is None else labels,
+            "ownerReferences": [DATAKEY_OWNER] if owners is None else owners,
+        },
+        "data": {"wrapped-key": base64.b64encode(b"kustody:v1:...").decode()},
+    }
+
+
+def test_admission_policy_confines_what_the_operator_token_can_write(
+    kube: Cluster, unwrap_release: tuple[str, str], tmp_path: Path
+) -> None:
+    """Stolen operator token: RBAC lets it create and patch Secrets and patch workloads
+    anywhere; the chart's ValidatingAdmissionPolicies refuse everything but what the operator
+    writes. The operator's own workload write (kustody.kube.workloads.restart) still works."""
+    import asyncio
+
+    from kustody.kube.api import Kube, load_api_client
+    from kustody.kube.workloads import restart
+
+    ns, full = unwrap_release
+    secrets_policy, workloads_policy = f"{full}-operator-secrets", f"{full}-operator-workloads"
+    tenant = f"tenant-{secrets.token_hex(3)}"
+    kube.kubectl("create", "namespace", tenant)
+    kube.kubectl("-n", tenant, "create", "secret", "generic", "app-db", "--from-literal=pw=x")
+    kube.kubectl("-n", tenant, "create", "deployment", "web", "--image=registry.example/web:1")
+    # The workload opts in to restarts by this DataKey (item 11); the operator cannot add that.
+    kube.kubectl(
+        "-n", tenant, "annotate", "deployment", "web", "kustody.io/allow-rollout-restart=ledger"
+    )  # fmt: skip
+    token = kube.kubectl("create", "token", full, "-n", ns, "--duration=1h").stdout.strip()
+    as_op = _as_token(kube, token, tmp_path / "operator")
+
+    def create(obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return as_op.kubectl("create", "-f", "-", input=json.dumps(obj), check=False)
+
+    # The policies take a moment to be loaded by the API server.
+    bare = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "loot", "namespace": tenant},
+        "stringData": {"x": "y"},
+    }
+    _eventually(lambda: _forbidden_by_policy(create(bare), secrets_policy), 30, "the policy")
+    for policy in (secrets_policy, workloads_policy):
+        status = _get(kube, "validatingadmissionpolicy", policy).get("status") or {}
+        assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
+
+    unmanaged = {k: v for k, v in KUSTODY_LABELS.items() if not k.startswith("app.")}
+    refused_secrets = {
+        "no labels": _kustody_secret("s1", tenant, labels={}),
+        "not managed by kustody": _kustody_secret("s2", tenant, labels=unmanaged),
+        "no owner": _kustody_secret("s3", tenant, owners=[]),
+        "owner not a DataKey": _kustody_secret(
+            "s4", tenant, owners=[{**DATAKEY_OWNER, "apiVersion": "v1", "kind": "ConfigMap"}]
+        ),
+        "owner is another DataKey": _kustody_secret(
+            "s5", tenant, labels={**KUSTODY_LABELS, "kustody.io/datakey": "other"}
+        ),
+        "owner not the controller": _kustody_secret(
+            "s6", tenant, owners=[{**DATAKEY_OWNER, "controller": False}]
+        ),
+        "a ServiceAccount token Secret": _kustody_secret(
+            "s7", tenant, type="kubernetes.io/service-account-token"
+        ),
+    }
+    # A token for a powerful ServiceAccount, which the token controller would fill in.
+    refused_secrets["a ServiceAccount token Secret"]["metadata"]["namespace"] = "kube-system"
+    refused_secrets["a ServiceAccount token Secret"]["metadata"]["annotations"] = {
+        "kubernetes.io/service-account.name": "namespace-controller"
+    }
+    for what, obj in refused_secrets.items():
+        assert _forbidden_by_policy(create(obj), secrets_policy), what
+    # Someone else's Secret cannot be taken over, changed or deleted.
+    for patch in (
+        {"data": {"pw": base64.b64encode(b"mine").decode()}},
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": "kustody"}}},
+        {"metadata": _kustody_secret("app-db", tenant)["metadata"]},
+    ):
+        r = as_op.kubectl(
+            "-n", tenant, "patch", "secret", "app-db", "--type=merge", "-p", json.dumps(patch),
+            check=False,
+        )  # fmt: skip
+        assert _forbidden_by_policy(r, secrets_policy), patch
+    r = as_op.kubectl("-n", tenant, "delete", "secret", "app-db", check=False)
+    assert r.returncode != 0
+    assert "forbidden" in r.stderr.lower()
+    # What the operator writes is admitted: the create, then a patch of data and labels. (A
+    # real owner, or the garbage collector removes the Secret; its KeyRing does not exist, so
+    # no running operator acts on it.)
+    owner = {
+        "apiVersion": "kustody.io/v1alpha1",
+        "kind": "DataKey",
+        "metadata": {"name": "ledger", "namespace": tenant},
+        "spec": {"keyRingRef": {"name": f"absent-{secrets.token_hex(3)}"}, "secretName": "x"},
+    }
+    uid = json.loads(
+        kube.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(owner)).stdout
+    )["metadata"]["uid"]
+    created = create(_kustody_secret("ledger-dek", tenant, owners=[{**DATAKEY_OWNER, "uid": uid}]))
+    assert created.returncode == 0, created.stderr
+    rewrapped = {
+        "metadata": {"labels": {"kustody.io/keyring-version": "2"}},
+        "data": {"wrapped-key": base64.b64encode(b"kustody:v2:...").decode()},
+    }
+    ok = as_op.kubectl(
+        "-n", tenant, "patch", "secret", "ledger-dek", "--type=merge", "-p",
+        json.dumps(rewrapped), check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    steal = as_op.kubectl(
+        "-n", tenant, "patch", "secret", "ledger-dek", "--type=json", "-p",
+        json.dumps([{"op": "remove", "path": "/metadata/ownerReferences"}]), check=False,
+    )  # fmt: skip
+    assert _forbidden_by_policy(steal, secrets_policy)
+
+    # Workloads: only pod-template annotations under dk.kustody.io/.
+    def patch_web(ops: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+        return as_op.kubectl(
+            "-n", tenant, "patch", "deployment", "web", "--type=json", "-p", json.dumps(ops),
+            check=False,
+        )  # fmt: skip
+
+    image = "/spec/template/spec/containers/0/image"
+    annotations = "/spec/template/metadata/annotations"
+    evil_image = {"op": "replace", "path": image, "value": "evil.example/miner:1"}
+    for ops in (
+        [evil_image],
+        [{"op": "replace", "path": "/spec/replicas", "value": 0}],
+        [{"op": "add", "path": "/spec/template/metadata/labels/evil", "value": "1"}],
+        [{"op": "add", "path": "/metadata/labels/evil", "value": "1"}],
+        [{"op": "add", "path": "/metadata/annotations/kustody.io~1allow-rollout-restart",
+          "value": "ledger,other"}],
+        [{"op": "add", "path": "/spec/template/spec/serviceAccountName", "value": "admin"}],
+        [{"op": "add", "path": annotations,
+          "value": {"dk.kustody.io/ledger": "2", "other.example/x": "1"}}],
+        [{"op": "add", "path": annotations, "value": {}},
+         {"op": "add", "path": f"{annotations}/dk.kustody.io~1ledger", "value": "2"},
+         evil_image],
+    ):  # fmt: skip
+        assert _forbidden_by_policy(patch_web(ops), workloads_policy), ops
+    sneaky = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "miner", "namespace": tenant},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {
+                "metadata": {"labels": {"a": "b"}},
+                "spec": {"containers": [{"name": "m", "image": "evil.example/m:1"}]},
+            },
+        },
+    }
+    applied = as_op.kubectl(
+        "apply", "--server-side", "--field-manager=x", "-f", "-", input=json.dumps(sneaky),
+        check=False,
+    )  # fmt: skip
+    assert applied.returncode != 0, "server-side apply must not create a workload"
+    assert as_op.kubectl("-n", tenant, "delete", "deployment", "web", check=False).returncode
+
+    # The operator's real rollout restart, as the operator's ServiceAccount.
+    async def operator_restart(generation: int) -> bool:
+        client = Kube(load_api_client(str(as_op.kubeconfig)))
+        try:
+            return await restart(client, tenant, "Deployment", "web", "ledger", generation)
+        finally:
+            client.close()
+
+    assert asyncio.run(operator_restart(1)) is True
+    assert asyncio.run(operator_restart(2)) is True
+    template = _get(kube, "-n", tenant, "deployment", "web")["spec"]["template"]
+    assert template["metadata"]["annotations"] == {"dk.kustody.io/ledger": "2"}
+    assert template["spec"]["containers"][0]["image"] == "registry.example/web:1"
+    # The policies bind the operator's ServiceAccount only: an admin's writes are untouched.
+    admin = kube.kubectl(
+        "-n", tenant, "patch", "deployment", "web", "--type=json",
+        "-p", json.dumps([{**evil_image, "value": "registry.example/web:2"}]),
+    )  # fmt: skip
+    assert admin.returncode == 0
+    kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
+
+
+# -- issue 9: PINs ---------------------------------------------------------------------------
+
+
+def test_token_init_keeps_pins_out_of_argv_env_and_the_sidecar(kube: Cluster) -> None:
+    """Rendered: the SO PIN reaches only the init container, as a file; the sidecar's volume
+    projects the user PIN alone; no container has a PIN in its command, args or env."""
+    for args in ([], ["-f", str(CHART / "ci" / "real-hsm-values.yaml")], list(UNWRAP)):
+        docs = _render(kube, *args)
+        spec = _pod_spec(docs)
+        pin_values = {
+            base64.b64decode(v).decode()
+            for d in docs
+            if d["kind"] == "Secret" and d["metadata"]["name"] == "kustody-pin"
+            for v in d["data"].values()
+        }
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        containers = _containers(spec)
+        for name, c in containers.items():
+            visible = json.dumps([c.get("command"), c.get("args"), c.get("env")])
+            assert not any(p in visible for p in pin_values), name
+            flags = [a for a in c.get("args", []) if re.search(r"pin", a, re.I)]
+            assert flags in ([], ["--pin-file=/etc/kustody/pin/user-pin"]), (name, flags)
+            env_names = {e["name"] for e in c.get("env", [])}
+            assert not {n for n in env_names if "PIN" in n} - {"PIN_DIR"}, (name, env_names)
+            assert "secretKeyRef" not in json.dumps(c.get("env", []) + c.get("envFrom", []))
+            for mount in c.get("volumeMounts", []):
+                secret = volumes[mount["name"]].get("secret", {})
+                if secret.get("secretName") in ("kustody-pin", "hsm-partition-pin"):
+                    keys = {i["key"] for i in secret.get("items", [])}
+                    if name == "init-token":
+                        assert keys == {"so-pin", "user-pin"}
+                    else:
+                        assert keys in ({"user-pin"}, {"pin"}), (name, keys)
+        if "init-token" in containers:
+            assert volumes["pin"]["secret"]["items"] == [{"key": "user-pin", "path": "user-pin"}]
+            assert "token-init-pins" in _mounts(containers["init-token"]).values()
+            assert "token-init-pins" not in _mounts(containers["hsm"]).values()
+
+
+def test_chart_init_step_initialises_a_real_token_without_pins_in_argv_or_env(
+    kube: Cluster, tmp_path: Path
+) -> None:
+    """The init container's program from the rendered ConfigMap, run as the container runs it
+    against a real SoftHSM2 token directory: while it holds the PINs, /proc shows neither in
+    its command line or environment; the token it makes opens with the SO PIN and serves the
+    real sidecar from a directory holding only the user PIN."""
+    import os
+    import sys
+
+    from kustody.dev.softhsm import find_module
+
+    docs = _render(kube)
+    script = _one(docs, "ConfigMap", "kustody-softhsm")["data"]["init-token.py"]
+    init = _containers(_pod_spec(docs))["init-token"]
+    env = {e["name"]: e["value"] for e in init["env"]}
+    assert set(env) == {"TOKEN_LABEL", "PKCS11_MODULE", "PIN_DIR", "SOFTHSM2_CONF"}
+    assert "args" not in init
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n"
+    )
+    (tmp_path / "init-token.py").write_text(script)
+    pin_dir = tmp_path / "pin"
+    pin_dir.mkdir()
+    user_pin, so_pin = secrets.token_hex(16), secrets.token_hex(16)
+    for name in ("so-pin", "user-pin"):
+        os.mkfifo(pin_dir / name, 0o600)  # the program blocks on them: look at it meanwhile
+    run_env = {
+        **os.environ,
+        **env,
+        "PKCS11_MODULE": str(find_module()),
+        "PIN_DIR": str(pin_dir),
+        "SOFTHSM2_CONF": str(conf),
+    }
+    argv = [sys.executable, str(tmp_path / "init-token.py")]  # as `python /etc/softhsm/...`
+    proc = subprocess.Popen(argv, env=run_env, stdout=subprocess.PIPE, text=True)
+    try:
+        with open(pin_dir / "so-pin", "w") as fifo:  # returns once the program opened it
+            seen = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            seen += Path(f"/proc/{proc.pid}/environ").read_bytes()
+            fifo.write(so_pin + "\n")
+        with open(pin_dir / "user-pin", "w") as fifo:
+            seen += Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            fifo.write(user_pin)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "initialised" in out
+    for pin in (user_pin, so_pin):
+        assert pin.encode() not in seen
+        assert pin not in out
+    # A second start finds the token and leaves it alone (the PIN files are not even read).
+    again = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "already initialised" in again.stdout
+
+    only_user = tmp_path / "sidecar-pin"
+    only_user.mkdir()
+    (only_user / "user-pin").write_text(user_pin)
+    token = SoftHSMToken(
+        tmp_path, env["TOKEN_LABEL"], find_module(), conf, only_user / "user-pin",
+        tmp_path / "no-so-pin-here",
+    )  # fmt: skip
+    Sidecar(tmp_path / "hsm", token).start().stop()
+    (tmp_path / "so").write_text(so_pin)
+    check = subprocess.run(
+        [sys.executable, "-c",
+         "import pathlib, pkcs11, sys; t = pkcs11.lib(sys.argv[1]).get_token(token_label="
+         "sys.argv[2]); t.open(rw=True, so_pin=pathlib.Path(sys.argv[3]).read_text()).close();"
+         "print('so ok')", str(find_module()), env["TOKEN_LABEL"], str(tmp_path / "so")],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.stdout.strip() == "so ok", check.stderr

@@ -85,3 +85,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ fail "a SoftHSM2 token on a ReadWriteOnce claim cannot be shared: keep replicaCount at 1" }}
 {{- end -}}
 {{- end -}}
+
+{{/* Whether the hsm container gets the unwrap service's own identity (only with unwrap). */}}
+{{- define "kustody.unwrapIdentity" -}}
+{{- if and .Values.unwrap.enabled (include "kustody.sidecar" .) }}true{{ end -}}
+{{- end -}}
+
+{{/* The unwrap service's ServiceAccount name. */}}
+{{- define "kustody.unwrapServiceAccountName" -}}
+{{- if .Values.unwrap.serviceAccount.create -}}
+{{- default (printf "%s-unwrap" (include "kustody.fullname" .)) .Values.unwrap.serviceAccount.name -}}
+{{- else -}}
+{{- required "unwrap.serviceAccount.name is required when unwrap.serviceAccount.create is false" .Values.unwrap.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the unwrap ServiceAccount's token. */}}
+{{- define "kustody.unwrapTokenSecret" -}}
+{{- printf "%s-token" (include "kustody.unwrapServiceAccountName" .) -}}
+{{- end -}}
