@@ -117,7 +117,7 @@ def start_process(
     *args: str,
     pin_file: Path | None = None,
     preexec_fn: Callable[[], None] | None = None,
-    user: int | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> SidecarProcess:
     """``kustody hsm`` on ``token``, with no destruction waiting period unless ``args`` give
     ``--min-destroy-delay`` (the last one wins)."""
@@ -125,7 +125,7 @@ def start_process(
     log = directory / "sidecar.log"
     env = {**os.environ, **token.env, "KUSTODY_HSM_PIN_FILE": str(pin_file or token.pin_file)}
     command = [
-        sys.executable, "-m", "kustody", "hsm", "--module", str(token.module),
+        *prefix, sys.executable, "-m", "kustody", "hsm", "--module", str(token.module),
         "--token-label", token.label, "--socket", str(socket), "--health-interval", "0.2",
         "--log-level", "DEBUG", "--min-destroy-delay", "0s", *args,
     ]  # fmt: skip
@@ -136,9 +136,6 @@ def start_process(
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
-            user=user,
-            group=user,
-            extra_groups=[] if user is not None else None,
         )
     deadline = time.monotonic() + 20
     while not socket.exists():

@@ -70,28 +70,39 @@ def test_planted_keys_are_never_adopted_described_or_used(
         KeyVersionRef("ledger", 1): ("imported-locked", "CKA_LOCAL is false"),
         KeyVersionRef("audit", 1): ("wrapping-key", "CKA_WRAP is true"),
     }
-    # Planted before the sidecar starts: found by its start-up scan.
+    # Kustody creates pay/v1 and stops. (SoftHSM2 does not support a second process writing
+    # a token while the sidecar uses it, so the co-tenant plants while it is stopped; on a real
+    # shared partition it could do so at any time, and CreateKeyVersion searches the token.)
+    proc = start_process(tmp_path, own_token)
+
+    async def first() -> None:
+        async with HsmClient.unix(proc.socket) as hsm:
+            assert (await hsm.create_key_version("pay", 1)).state is VersionState.ENABLED
+
+    try:
+        run(first())
+    finally:
+        proc.stop()
+    # Kustody's own key passes the checks (and is what the checks describe).
+    assert json.loads(_cotenant(own_token, "attributes", v1)) == {
+        "local": True,
+        "never_extractable": True,
+        "sensitive": True,
+        "extractable": False,
+        "wrap": False,
+        "unwrap": False,
+        "value_len": 32,
+    }
+    # The co-tenant plants the version a rotation would create next, and versions of rings
+    # Kustody has not created yet.
+    _cotenant(own_token, "known-value", v2)
     for ref, (action, _) in planted.items():
         _cotenant(own_token, action, ref)
     proc = start_process(tmp_path, own_token)
 
     async def main() -> None:
         async with HsmClient.unix(proc.socket) as hsm:
-            # Kustody's own key passes the checks (and is what the checks describe).
-            assert (await hsm.create_key_version("pay", 1)).state is VersionState.ENABLED
             good = await hsm.generate_data_key("pay", BINDING, version=1)
-
-            # Planted after the start, for the next version a rotation would create.
-            _cotenant(own_token, "known-value", v2)
-            assert json.loads(_cotenant(own_token, "attributes", v1)) == {
-                "local": True,
-                "never_extractable": True,
-                "sensitive": True,
-                "extractable": False,
-                "wrap": False,
-                "unwrap": False,
-                "value_len": 32,
-            }
             error = await _refused(hsm.create_key_version("pay", 2))
             assert "pay/v2" in error.message
             assert "CKA_LOCAL is false" in error.message
