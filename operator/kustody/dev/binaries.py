@@ -262,7 +262,7 @@ def _go_build(go: str, tools: Path, target: _Target, out_dir: Path, log: Log, st
         next_beat = started + _HEARTBEAT
         while True:
             try:
-                proc.wait(timeout=1.0)
+                proc.wait(timeout=min(1.0, _HEARTBEAT))
                 break
             except subprocess.TimeoutExpired:
                 now = time.monotonic()
