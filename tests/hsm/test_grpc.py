@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from kustody.domain.keyversion import VersionState
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
 from kustody.hsm.access import ClientRoles, Role
+from kustody.hsm.audit import AUDIT_LOGGER
 from kustody.hsm.client import GenerateItem, HsmClient
 from kustody.hsm.errors import HsmError, Reason
 from kustody.hsm.keyservice import CHUNK_ITEMS
@@ -371,3 +374,44 @@ def test_batches_over_several_chunks_answer_every_item_in_order(
                     assert result.rewrapped.to_version == 2, i
 
     run(main())
+
+
+def test_a_cancelled_call_is_not_counted_or_audited_as_ok(
+    tmp_path: Path, token_config: TokenConfig, ring: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller gives up (deadline) while the sidecar works: metrics and the audit line say
+    cancelled, never ok."""
+
+    async def main() -> str:
+        async with running_sidecar(tmp_path, token_config, metrics_port=0) as sidecar:
+            async with HsmClient.unix(sidecar.config.socket or "") as hsm:
+                await hsm.create_key_version(ring, 1)
+                key = await hsm.generate_data_key(ring, BINDING)
+            release = asyncio.Event()
+            real = sidecar.service.decrypt
+
+            async def slow(*args: object, **kwargs: object) -> bytes:
+                await release.wait()
+                return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+            sidecar.service.decrypt = slow  # type: ignore[method-assign]
+            async with HsmClient.unix(sidecar.config.socket or "", timeout=0.3) as hsm:
+                with pytest.raises(HsmError):
+                    await hsm.decrypt(key.wrapped, BINDING, allow_plaintext_export=True)
+            await asyncio.sleep(0.3)
+            release.set()
+            url = f"http://127.0.0.1:{sidecar.metrics_port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        body = run(main())
+    assert 'kustody_hsm_requests_total{op="Decrypt",outcome="cancelled"} 1.0' in body
+    assert 'op="Decrypt",outcome="ok"' not in body
+    decrypts = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == AUDIT_LOGGER and '"rpc":"Decrypt"' in r.getMessage()
+    ]
+    assert [(d["peer"], d["key_ring"], d["outcome"]) for d in decrypts] == [
+        ("unix", ring, "cancelled")
+    ]

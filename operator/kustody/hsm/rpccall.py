@@ -21,9 +21,13 @@ async def observed(
 ) -> T:
     """Run one RPC: typed errors become statuses; every outcome is counted and timed."""
     start = time.perf_counter()
-    outcome = "ok"
+    # "ok" only once the response exists: a cancelled call (client gone, deadline passed)
+    # raises CancelledError, which none of the handlers below catches.
+    outcome = "cancelled"
     try:
-        return await work()
+        result = await work()
+        outcome = "ok"
+        return result
     except HsmError as exc:
         outcome = str(exc.reason)
         log.info("%s failed: %s", op, exc)
