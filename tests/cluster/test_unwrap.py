@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -473,6 +474,383 @@ def test_init_container_command_writes_the_key_to_memory_only(world: World) -> N
     assert denied.returncode == 1
     assert b"NOT_A_CONSUMER" in denied.stderr
     assert not on_disk.exists()
+
+
+def test_init_container_never_writes_through_a_symlink(world: World) -> None:
+    """``--out`` a symlink on disk pointing into /dev/shm: the tmpfs check used to look at
+    the target's directory while the rename replaced the link on disk (the key on disk).
+    Now the final component may not be a symlink, and the directory checked is the directory
+    written, whichever way it is reached."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("/dev/shm is missing: no tmpfs to write to")
+    directory = world.secret_dir(world.a, "orders")
+    token = world.token(world.a, "app")
+    memory = shm / f"kustody-test-{secrets.token_hex(4)}"
+    memory.mkdir(mode=0o700)
+    disk = world.workdir / f"disk-{secrets.token_hex(3)}"
+    disk.mkdir()
+    back = shm / f"kustody-test-back-{secrets.token_hex(4)}"  # in /dev/shm, pointing to disk
+    back.symlink_to(disk)
+    try:
+        # 1. A final symlink from disk into memory: refused, nothing written anywhere.
+        link = disk / "dek"
+        link.symlink_to(memory / "dek")
+        result = _run_unwrap(world, token, "--secret-dir", str(directory), "--out", str(link))
+        assert result.returncode == 1, result.stderr
+        assert b"symbolic link" in result.stderr
+        assert link.is_symlink()
+        assert not (memory / "dek").exists()
+        assert [p.name for p in disk.iterdir()] == ["dek"]
+        link.unlink()
+        # ...also with --allow-disk: a link is never written through or replaced.
+        link.symlink_to(memory / "dek")
+        forced = _run_unwrap(world, token, "--secret-dir", str(directory), "--out", str(link),
+                             "--allow-disk")  # fmt: skip
+        assert forced.returncode == 1
+        assert link.is_symlink()
+        assert not (memory / "dek").exists()
+        link.unlink()
+
+        # 2. A symlinked *directory* on disk leading into memory: written in memory.
+        via = disk / "keys"
+        via.symlink_to(memory)
+        ok = _run_unwrap(world, token, "--secret-dir", str(directory), "--out", str(via / "dek"))
+        assert ok.returncode == 0, ok.stderr
+        dek = (memory / "dek").read_bytes()
+        SEEN_DEKS.append(dek)
+        assert len(dek) == 32
+        assert (memory / "dek").stat().st_mode & 0o777 == 0o400
+        assert sorted(p.name for p in disk.iterdir()) == ["keys"]  # nothing on disk
+
+        # 3. A path under /dev/shm whose directory is a link to disk: refused as disk.
+        refused = _run_unwrap(world, token, "--secret-dir", str(directory), "--out",
+                              str(back / "dek"))  # fmt: skip
+        assert refused.returncode == 1
+        assert b"not memory-backed" in refused.stderr
+        assert sorted(p.name for p in disk.iterdir()) == ["keys"]
+    finally:
+        back.unlink()
+        for p in memory.iterdir():
+            p.unlink()
+        memory.rmdir()
+
+
+# -- revocation reaches what was already issued ------------------------------------------------
+
+
+def _reason_now(client: UnwrapClient, directory: Path) -> str:
+    try:
+        SEEN_DEKS.append(client.unwrap(directory))
+    except UnwrapError as exc:
+        return exc.reason
+    return "ok"
+
+
+def test_a_namespace_removed_from_the_keyring_can_no_longer_unwrap(world: World) -> None:
+    ns, ring = f"uc-{secrets.token_hex(3)}", f"revoke-{secrets.token_hex(3)}"
+    world.kube.kubectl("create", "namespace", ns)
+    world.kube.kubectl("create", "serviceaccount", "app", "-n", ns)
+    try:
+        apply(world.kube, keyring(ring, [ns, world.a]))
+        apply(world.kube, datakey("orders", ns, ring, consumers=["app"]))
+        eventually(lambda: ready(get(world.kube, "datakey", "orders", ns)), 60, "orders Ready")
+        directory = world.secret_dir(ns, "orders")
+        with world.client(world.token(ns, "app"), cache_ttl=0) as client:
+            assert _reason_now(client, directory) == "ok"
+            world.kube.kubectl(
+                "patch", "keyring", ring, "--type", "merge",
+                "-p", json.dumps({"spec": {"allowedNamespaces": {"names": [world.a]}}}),
+            )  # fmt: skip
+            # The Secret (wrapped key) is still there; the unwrap is what is refused now,
+            # within the KeyRing cache time (--workload-datakey-ttl, 5 s).
+            started = time.monotonic()
+            reason = eventually(
+                lambda: (r := _reason_now(client, directory)) != "ok" and r, 30, "the refusal"
+            )
+            assert reason == "NAMESPACE_NOT_ALLOWED"
+            assert time.monotonic() - started < 15
+            error = _refused(client, directory)
+            assert error.reason == "NAMESPACE_NOT_ALLOWED"
+            assert ring in error.message
+    finally:
+        world.kube.kubectl("delete", "keyring", ring, "--wait=false", check=False)
+        world.kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_a_namespace_relabelled_out_of_the_keyring_selector_can_no_longer_unwrap(
+    world: World,
+) -> None:
+    ns, ring = f"ud-{secrets.token_hex(3)}", f"select-{secrets.token_hex(3)}"
+    label = f"kustody-test/{ring}"
+    world.kube.kubectl("create", "namespace", ns)
+    world.kube.kubectl("label", "namespace", ns, f"{label}=yes")
+    world.kube.kubectl("create", "serviceaccount", "app", "-n", ns)
+    try:
+        body = json.loads(keyring(ring, []))
+        body["spec"]["allowedNamespaces"] = {"selector": {"matchLabels": {label: "yes"}}}
+        apply(world.kube, json.dumps(body))
+        apply(world.kube, datakey("orders", ns, ring, consumers=["app"]))
+        eventually(lambda: ready(get(world.kube, "datakey", "orders", ns)), 60, "orders Ready")
+        directory = world.secret_dir(ns, "orders")
+        with world.client(world.token(ns, "app"), cache_ttl=0) as client:
+            assert _reason_now(client, directory) == "ok"
+            world.kube.kubectl("label", "namespace", ns, f"{label}-")
+            reason = eventually(
+                lambda: (r := _reason_now(client, directory)) != "ok" and r, 30, "the refusal"
+            )
+            assert reason == "NAMESPACE_NOT_ALLOWED"
+    finally:
+        world.kube.kubectl("delete", "keyring", ring, "--wait=false", check=False)
+        world.kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+# -- the audit does not lie --------------------------------------------------------------------
+
+
+def _audit(world: World) -> list[dict[str, Any]]:
+    log = world.sidecar.proc.logfile.read_text(errors="replace")
+    return [json.loads(line) for line in log.splitlines() if line.startswith('{"ts"')]
+
+
+def _metric(world: World, name: str, labels: str) -> float:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{world.sidecar.metrics_port}/metrics", timeout=5
+    ) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _hsm_worker(world: World) -> int:
+    """The sidecar's PKCS#11 worker process (the front end's child)."""
+    front = world.sidecar.proc.pid()
+    assert front is not None
+    children = Path(f"/proc/{front}/task/{front}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_a_cancelled_or_timed_out_unwrap_is_never_audited_as_ok(world: World) -> None:
+    """The HSM worker is paused (SIGSTOP) so the call is inside the decrypt, authenticated and
+    authorised, when its caller gives up: once by deadline, once by cancelling. Neither may be
+    recorded as a success, in the audit line or the metrics."""
+    name = f"cancel-{secrets.token_hex(3)}"
+    apply(world.kube, datakey(name, world.a, world.ring, consumers=["app"]))
+    eventually(lambda: ready(get(world.kube, "datakey", name, world.a)), 60, f"{name} Ready")
+    key = client_key(world.secret_dir(world.a, name))
+    ok_label = f'namespace="{world.a}",outcome="ok"'
+    with world.client(world.token(world.a, "app"), cache_ttl=0) as client:
+        SEEN_DEKS.append(client.unwrap_key(key).plaintext)  # token, DataKey, KeyRing cached
+        ok_before = _metric(world, "kustody_unwrap_requests_total", ok_label)
+        worker = _hsm_worker(world)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            timed_out = world.client(world.token(world.a, "app"), cache_ttl=0, timeout=1.0)
+            with timed_out, pytest.raises(UnwrapError) as err:
+                # (a second token: this call's review is fresh, the decrypt is where it waits)
+                timed_out.unwrap_key(key)
+            assert err.value.reason == "UNREACHABLE"  # DEADLINE_EXCEEDED, client side
+            channel = grpc.secure_channel(
+                world.sidecar.workload_listen or "",
+                grpc.ssl_channel_credentials(world.pki["ca"].read_bytes()),
+            )
+            call = channel.unary_unary(
+                "/kustody.workload.v1.Unwrap/Unwrap",
+                request_serializer=pb.UnwrapRequest.SerializeToString,
+                response_deserializer=pb.UnwrapResponse.FromString,
+            )
+            request = pb.UnwrapRequest(
+                wrapped=key.wrapped, key_ring=key.key_ring, namespace=key.namespace,
+                data_key=key.data_key, encryption_context=dict(key.encryption_context),
+            )  # fmt: skip
+            token = world.token(world.a, "app")
+            future = call.future(request, metadata=(("authorization", f"Bearer {token}"),),
+                                 timeout=30)  # fmt: skip
+            time.sleep(1.0)
+            assert future.cancel()
+            channel.close()
+            time.sleep(0.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        # The HSM path is healthy again: the next call succeeds, and is the only new "ok".
+        SEEN_DEKS.append(client.unwrap_key(key).plaintext)
+
+    def records() -> list[dict[str, Any]] | None:
+        mine = [r for r in _audit(world) if r["data_key"] == name]
+        return mine if len(mine) >= 4 else None
+
+    mine = eventually(records, 10, "four audit records")
+    assert [r["outcome"] for r in mine] == ["ok", "cancelled", "cancelled", "ok"], mine
+    assert {r["reason"] for r in mine[1:3]} == {"DEADLINE_EXCEEDED", "CANCELLED"}
+    assert all(r["service_account"] == "app" and r["version"] == 1 for r in mine)
+    assert _metric(world, "kustody_unwrap_requests_total", ok_label) == ok_before + 1
+    cancelled = sum(
+        _metric(world, "kustody_unwrap_requests_total", f'namespace="{world.a}",outcome="{r}"')
+        for r in ("CANCELLED", "DEADLINE_EXCEEDED")
+    )
+    assert cancelled >= 2
+
+
+# -- the front door under abuse ----------------------------------------------------------------
+
+
+def _forged_tokens(world: World, count: int) -> list[str]:
+    """Distinct JWTs that pass every unverified check (audience kustody, not expired, a real
+    ServiceAccount's claims) but carry a signature the API server cannot verify."""
+    header, claims = _parts(world.token(world.a, "app"))
+    out = []
+    for _ in range(count):
+        claims["jti"] = secrets.token_hex(8)
+        head = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        out.append(f"{head}.{_b64(secrets.token_bytes(256))}")
+    SEEN_TOKENS.extend(out[:5])
+    return out
+
+
+def _api_token_reviews(world: World) -> float:
+    """TokenReviews the real kube-apiserver has served (its own apiserver_request_total)."""
+    text = world.kube.kubectl("get", "--raw", "/metrics").stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{") and 'resource="tokenreviews"' in line
+    )
+
+
+def _flood(world: World, tokens: list[str]) -> dict[str, int]:
+    """Send one unwrap per token, all at once; count the reasons."""
+    key = client_key(world.secret_dir(world.a, "orders"))
+    request = pb.UnwrapRequest(
+        wrapped=key.wrapped, key_ring=key.key_ring, namespace=key.namespace,
+        data_key=key.data_key, encryption_context=dict(key.encryption_context),
+    )  # fmt: skip
+    channel = grpc.secure_channel(
+        world.sidecar.workload_listen or "",
+        grpc.ssl_channel_credentials(world.pki["ca"].read_bytes()),
+    )
+    call = channel.unary_unary(
+        "/kustody.workload.v1.Unwrap/Unwrap",
+        request_serializer=pb.UnwrapRequest.SerializeToString,
+        response_deserializer=pb.UnwrapResponse.FromString,
+    )
+    futures = [
+        call.future(request, metadata=(("authorization", f"Bearer {t}"),), timeout=60)
+        for t in tokens
+    ]
+    reasons: dict[str, int] = {}
+    for future in futures:
+        try:
+            future.result()
+            reason = "ok"
+        except grpc.RpcError as exc:
+            reason = dict(exc.trailing_metadata() or ()).get("kustody-reason", "?")  # type: ignore[attr-defined]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    channel.close()
+    return reasons
+
+
+def test_a_flood_of_forged_tokens_is_limited_before_any_token_review(world: World) -> None:
+    """Default limits (10 new tokens/s per address, burst 20): 300 distinct forged tokens
+    from one address cost the API server about 20 TokenReviews, not 300; the rest are refused
+    at once as PEER_RATE_LIMITED. A good caller whose token is cached is not held up."""
+    good = world.client(world.token(world.a, "app"), cache_ttl=0)
+    directory = world.secret_dir(world.a, "orders")
+    with good:
+        SEEN_DEKS.append(good.unwrap(directory))  # its review is cached
+        time.sleep(3)  # the address's bucket is full again (earlier tests made tokens)
+        tokens = _forged_tokens(world, 300)
+        before = _api_token_reviews(world)
+        started = time.monotonic()
+        reasons = _flood(world, tokens)
+        elapsed = time.monotonic() - started
+        reviewed = _api_token_reviews(world) - before
+        assert sum(reasons.values()) == 300
+        assert reviewed <= 20 + 10 * elapsed + 1, (reviewed, reasons)
+        assert reasons.get("TOKEN_INVALID", 0) == reviewed
+        # Everything else was refused at the door, at once: mostly by the per-address limit
+        # (some may meet the in-flight bound first).
+        at_the_door = reasons.get("PEER_RATE_LIMITED", 0) + reasons.get("AUTH_BUSY", 0)
+        assert at_the_door == 300 - reviewed, reasons
+        assert reasons.get("PEER_RATE_LIMITED", 0) > 200, reasons
+        SEEN_DEKS.append(good.unwrap(directory))  # cached: no review, no limit
+    time.sleep(3)  # refill, for the tests that follow (their tokens come from this address)
+
+
+@pytest.fixture
+def open_front_door(world: World) -> Iterator[World]:
+    """The workload sidecar restarted with the per-address and global review limits lifted
+    (as for a flood from many addresses) and small caches, then restored."""
+    world.sidecar.stop()
+    original = world.sidecar
+    open_door = dataclasses.replace(
+        original,
+        extra_args=(
+            *original.extra_args,
+            "--workload-peer-review-rate", "100000", "--workload-peer-review-burst", "100000",
+            "--workload-review-rate", "100000", "--workload-review-burst", "100000",
+            "--workload-reviews-in-flight", "1000",
+            "--workload-review-cache-size", "4", "--workload-refusal-cache-size", "16",
+        ),
+    )  # fmt: skip
+    open_door.start()
+    try:
+        yield dataclasses.replace(world, sidecar=open_door)
+    finally:
+        open_door.stop()
+        original.start()
+
+
+def test_a_flood_of_forged_tokens_does_not_evict_a_good_callers_cache_entry(
+    open_front_door: World,
+) -> None:
+    world = open_front_door
+    directory = world.secret_dir(world.a, "orders")
+    ok = 'result="ok"'
+    with world.client(world.token(world.a, "app"), cache_ttl=0) as good:
+        SEEN_DEKS.append(good.unwrap(directory))
+        assert _metric(world, "kustody_unwrap_token_reviews_total", ok) == 1
+        reasons = _flood(world, _forged_tokens(world, 200))
+        # Every forged token reached a review (the limits are lifted): the refusal cache
+        # (16) overflowed many times over; the success cache (4) was never touched.
+        assert reasons == {"TOKEN_INVALID": 200}, reasons
+        assert _metric(world, "kustody_unwrap_token_reviews_total", 'result="refused"') == 200
+        for _ in range(5):
+            SEEN_DEKS.append(good.unwrap(directory))
+        assert _metric(world, "kustody_unwrap_token_reviews_total", ok) == 1  # still cached
+
+
+def test_token_reviews_in_flight_are_bounded(world: World) -> None:
+    """At most --workload-reviews-in-flight TokenReviews at once; the excess is refused at once
+    with AUTH_BUSY (retryable), not queued."""
+    world.sidecar.stop()
+    original = world.sidecar
+    bounded = dataclasses.replace(
+        original,
+        extra_args=(
+            *original.extra_args,
+            "--workload-peer-review-rate", "100000", "--workload-peer-review-burst", "100000",
+            "--workload-review-rate", "100000", "--workload-review-burst", "100000",
+            "--workload-reviews-in-flight", "2",
+        ),
+    )  # fmt: skip
+    bounded.start()
+    try:
+        view = dataclasses.replace(world, sidecar=bounded)
+        before = _api_token_reviews(view)
+        reasons = _flood(view, _forged_tokens(view, 200))
+        reviewed = _api_token_reviews(view) - before
+        assert reasons.get("AUTH_BUSY", 0) > 0, reasons
+        assert reasons.get("TOKEN_INVALID", 0) == reviewed
+        assert reasons.get("AUTH_BUSY", 0) + reviewed == 200
+        # A good caller still gets in (retrying on AUTH_BUSY like any backoff reason).
+        with view.client(view.token(view.a, "app"), cache_ttl=0, attempts=8) as good:
+            SEEN_DEKS.append(good.unwrap(view.secret_dir(view.a, "orders")))
+    finally:
+        bounded.stop()
+        original.start()
 
 
 # -- audit, metrics, no leaks ----------------------------------------------------------------

@@ -49,10 +49,16 @@ class Keys:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
+        self.finished: list[str] = []
 
     async def decrypt(self, envelope: Envelope, binding: Binding) -> bytes:
         self.started.set()
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.finished.append("cancelled")
+            raise
+        self.finished.append("answered")
         return b"k" * 32
 
 
@@ -130,6 +136,10 @@ def test_a_cancelled_call_is_audited_as_cancelled_not_ok(
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
+        # The HSM request under it is not cancelled: it completes (and is dropped).
+        keys.release.set()
+        await asyncio.sleep(0.01)
+        assert keys.finished == ["answered"]
 
     asyncio.run(run())
     record = json.loads(lines.getvalue())

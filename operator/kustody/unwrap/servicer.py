@@ -131,7 +131,12 @@ class UnwrapServicer:
             allowed = await self._access.allowed(key_ring, identity.namespace)
             check_keyring_allows(identity, key_ring, allowed)
             try:
-                plaintext = await self._keys.decrypt(envelope, binding)
+                # Shielded: a caller that goes away must not cancel the HSM request under it.
+                # The worker does the work anyway, and concurrent decrypts share one worker
+                # request whose bookkeeping (kustody.hsm.keyservice._DecryptQueue) is only
+                # released when an answer is delivered to a waiter that is not done — a
+                # cancelled sole waiter would leave every later decrypt queued for ever.
+                plaintext = await asyncio.shield(self._keys.decrypt(envelope, binding))
             except HsmError as exc:
                 raise Refusal.from_hsm(exc) from None
             response = pb.UnwrapResponse(plaintext=plaintext, version=version)
