@@ -92,6 +92,9 @@ bench-hsm: install ## HSM sidecar benchmark (SoftHSM2 and Kryoptic) -> bench/res
 bench-operator: install binaries ## operator scale benchmark -> bench/results/operator.json
 	$(BIN)/python bench/operator_scale.py
 
+bench-client: install ## keyset library: ratio to raw AESGCM, streaming RSS -> bench/results/client.json
+	$(BIN)/python bench/client.py
+
 clean: dev-down ## remove the venv and generated code (keeps the binary cache)
 	rm -rf $(VENV) operator/kustody/*/_proto/*_pb2*.py* $(PROTO_STAMP)
 

@@ -68,7 +68,9 @@ def keyset_document() -> dict[str, Any]:
 
 def _one_shot(name: str, key_id: int, plaintext: bytes, ad: bytes) -> dict[str, Any]:
     nonce = _derive(f"nonce {name}", 12)
-    ciphertext = aead._seal(aead.new_aead(DEKS[key_id]), key_id, plaintext, ad, nonce)
+    ciphertext = aead._seal(
+        aead.new_aead(DEKS[key_id]), aead.header(aead.FORMAT_ONE_SHOT, key_id), plaintext, ad, nonce
+    )
     return {
         "name": name,
         "keyId": key_id,

@@ -72,14 +72,31 @@ def test_round_trip(plaintext: bytes, associated_data: bytes) -> None:
 
 
 @pytest.mark.parametrize("size", [0, 1, 65_535, 200_000, 3 * 1024 * 1024])
-def test_round_trip_of_large_messages_and_the_reused_buffer(size: int) -> None:
+def test_round_trip_of_large_messages(size: int) -> None:
     plaintext = os.urandom(size)
     first = GEN2_PRIMARY.encrypt(plaintext, b"ad")
-    second = GEN2_PRIMARY.encrypt(plaintext, b"ad")  # the same per-thread buffer, reused
+    second = GEN2_PRIMARY.encrypt(plaintext, b"ad")
     assert first != second
     assert GEN2_PRIMARY.decrypt(first, b"ad") == plaintext
     assert GEN2_PRIMARY.decrypt(bytearray(second), b"ad") == plaintext
     assert GEN2_PRIMARY.decrypt(memoryview(second), b"ad") == plaintext
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_large_messages_are_the_same_format_with_or_without_the_c_api(
+    direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not direct:
+        monkeypatch.setattr(aead, "_new_bytes", None)
+    plaintext = os.urandom(100_000)
+    nonce = os.urandom(12)
+    made = aead._seal(aead.new_aead(GEN2), aead.header(1, ID2), plaintext, b"ad", nonce)
+    assert type(made) is bytes
+    expected = b"\x01" + ID2.to_bytes(4, "big") + nonce
+    expected += aead.new_aead(GEN2).encrypt(nonce, plaintext, expected[:5] + b"ad")
+    assert made == expected
+    assert GEN2_PRIMARY.decrypt(made, b"ad") == plaintext
+    assert hash(made) == hash(expected)
 
 
 def test_layout_is_format_byte_key_id_nonce_then_ciphertext_and_tag() -> None:
@@ -416,3 +433,12 @@ def test_the_keyset_library_is_imported_only_when_used() -> None:
         "assert kustody.client.Keyset is Keyset\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_threads_share_a_keyset() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages = [os.urandom(size) for size in (10, 70_000, 300_000, 1_000_000) * 4]
+    with ThreadPoolExecutor(4) as pool:
+        ciphertexts = list(pool.map(GEN2_PRIMARY.encrypt, messages))
+        assert list(pool.map(GEN2_PRIMARY.decrypt, ciphertexts)) == messages

@@ -65,7 +65,7 @@ class DataKeyRef:
 class _Key:
     """One generation's key. The DEK stays in here; repr and str never show it."""
 
-    __slots__ = ("_dek", "cipher", "generation", "key_id", "status")
+    __slots__ = ("_dek", "cipher", "generation", "header", "key_id", "status")
 
     def __init__(self, key_id: int, generation: int, status: KeyStatus, dek: bytes) -> None:
         self.key_id = key_id
@@ -73,6 +73,7 @@ class _Key:
         self.status = status
         self._dek = dek
         self.cipher = aead.new_aead(dek)
+        self.header = aead.header(aead.FORMAT_ONE_SHOT, key_id)
 
     @property
     def dek(self) -> bytes:
@@ -154,7 +155,8 @@ class Keyset:
 
     def encrypt(self, plaintext: bytes, associated_data: bytes = b"") -> bytes:
         """Encrypt under the primary key with a fresh random nonce (format 0x01)."""
-        return aead.seal(self._primary.cipher, self._primary.key_id, plaintext, associated_data)
+        primary = self._primary
+        return aead.seal(primary.cipher, primary.header, plaintext, associated_data)
 
     def decrypt(self, ciphertext: bytes, associated_data: bytes = b"") -> bytes:
         """Decrypt a one-shot ciphertext with the key its key id names."""
