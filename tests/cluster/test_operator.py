@@ -89,9 +89,15 @@ def test_datakey_gets_a_wrapped_key_in_an_owned_secret(
     assert labels["kustody.io/keyring"] == ring
     assert labels["kustody.io/keyring-version"] == "1"
     data = secret_data(secret)
-    assert set(data) == {"wrapped-key", "key-ring", "key-version", "encryption-context"}
+    assert set(data) == {"wrapped-key", "key-ring", "key-version", "encryption-context", "keyset"}
     assert data["wrapped-key"].startswith("kustody:v1:")
     assert data["wrapped-key"] == dk["status"]["wrappedKey"]
+    published = json.loads(data["keyset"])
+    assert published["format"] == "kustody.io/wrapped-keyset/v1"
+    (only,) = published["keys"]
+    assert only["wrappedKey"] == data["wrapped-key"]
+    assert only["status"] == "Primary"
+    assert only["keyId"] == published["primaryKeyId"] == dk["status"]["generations"][0]["keyId"]
     assert json.loads(data["encryption-context"]) == {
         "keyRing": ring,
         "namespace": ns,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from kustody.dev.controlplane import Cluster
-from kustody.dev.pki import create_pki
+from kustody.dev.pki import create_pki, issue_client_certificate
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
 from kustody_helpers import (
@@ -171,7 +171,11 @@ def test_operator_uses_a_remote_sidecar_over_mtls(
     plane: Cluster, token: SoftHSMToken, tmp_path: Path
 ) -> None:
     """The on-premises mode: the sidecar next to the HSM, the operator reaching it by mTLS."""
-    pki = create_pki(tmp_path / "pki")  # a CA, a 127.0.0.1 serving cert and a client cert
+    pki = create_pki(tmp_path / "pki")  # a CA and a 127.0.0.1 serving cert
+    identity = "spiffe://kustody.test/operator"
+    cert, key = issue_client_certificate(pki, tmp_path / "clients", "operator", uri=identity)
+    roles = tmp_path / "roles.yaml"
+    roles.write_text(f'"URI:{identity}": operator\n')
     port = _free_port()
     remote = Sidecar(
         tmp_path / "remote",
@@ -181,6 +185,7 @@ def test_operator_uses_a_remote_sidecar_over_mtls(
             "--tls-cert", str(pki.serving_cert),
             "--tls-key", str(pki.serving_key),
             "--tls-client-ca", str(pki.ca_cert),
+            "--client-roles", str(roles),
         ),
     ).start()  # fmt: skip
     op = Operator(
@@ -191,8 +196,8 @@ def test_operator_uses_a_remote_sidecar_over_mtls(
         identity="op-remote",
         extra_args=(
             "--hsm-endpoint", f"127.0.0.1:{port}",
-            "--hsm-tls-cert", str(pki.admin_cert),
-            "--hsm-tls-key", str(pki.admin_key),
+            "--hsm-tls-cert", str(cert),
+            "--hsm-tls-key", str(key),
             "--hsm-tls-ca", str(pki.ca_cert),
             "--hsm-server-name", "localhost",
         ),

@@ -181,3 +181,29 @@ def create_pki(directory: Path, admin_user: str = "kustody-admin") -> ControlPla
     # Written last: exists() is true only once every file above is in place.
     _write(pki.ca_cert, ca_cert.public_bytes(pem))
     return pki
+
+
+def issue_client_certificate(
+    pki: ControlPlanePKI, directory: Path, name: str, *, uri: str
+) -> tuple[Path, Path]:
+    """A client certificate from the dev CA whose identity is the SAN URI ``uri`` (what a
+    remote ``kustody hsm --client-roles`` file names); returns (certificate, key) paths."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        _name(name),
+        key,
+        ca_cert.subject,
+        ca_key,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+    )
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    _write(key_path, _key_pem(key), private=True)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
