@@ -937,6 +937,7 @@ def test_admission_policy_confines_what_the_operator_token_can_write(
 
     ns, full = unwrap_release
     secrets_policy, workloads_policy = f"{full}-operator-secrets", f"{full}-operator-workloads"
+    keyrings_policy = f"{full}-operator-keyrings"
     tenant = f"tenant-{secrets.token_hex(3)}"
     kube.kubectl("create", "namespace", tenant)
     kube.kubectl("-n", tenant, "create", "secret", "generic", "app-db", "--from-literal=pw=x")
@@ -959,7 +960,7 @@ def test_admission_policy_confines_what_the_operator_token_can_write(
         "stringData": {"x": "y"},
     }
     _eventually(lambda: _forbidden_by_policy(create(bare), secrets_policy), 30, "the policy")
-    for policy in (secrets_policy, workloads_policy):
+    for policy in (secrets_policy, workloads_policy, keyrings_policy):
         status = _get(kube, "validatingadmissionpolicy", policy).get("status") or {}
         assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
 
@@ -1088,6 +1089,31 @@ def test_admission_policy_confines_what_the_operator_token_can_write(
     template = _get(kube, "-n", tenant, "deployment", "web")["spec"]["template"]
     assert template["metadata"]["annotations"] == {"dk.kustody.io/ledger": "2"}
     assert template["spec"]["containers"][0]["image"] == "registry.example/web:1"
+    # KeyRings: its finalizer, nothing else (GitOps owns spec).
+    ring = f"chart-{secrets.token_hex(3)}"
+    kube.kubectl("create", "-f", "-", input=json.dumps({
+        "apiVersion": "kustody.io/v1alpha1", "kind": "KeyRing", "metadata": {"name": ring},
+        "spec": {"algorithm": "AES256GCM", "allowedNamespaces": {"names": [tenant]}},
+    }))  # fmt: skip
+
+    def patch_ring(patch: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return as_op.kubectl(
+            "patch", "keyring", ring, "--type=merge", "-p", json.dumps(patch), check=False
+        )  # fmt: skip
+
+    for patch in (
+        {"spec": {"allowPlaintextExport": True}},
+        {"spec": {"allowedNamespaces": {"selector": {}}}},
+        {"metadata": {"labels": {"x": "y"}}},
+    ):
+        assert _forbidden_by_policy(patch_ring(patch), keyrings_policy), patch
+    finalizer = patch_ring({"metadata": {"finalizers": ["kustody.io/test"]}})
+    assert finalizer.returncode == 0, finalizer.stderr
+    assert patch_ring({"metadata": {"finalizers": None}}).returncode == 0
+    r = as_op.kubectl("delete", "keyring", ring, "--wait=false", check=False)
+    assert r.returncode != 0
+    kube.kubectl("delete", "keyring", ring, "--wait=false")
+
     # The policies bind the operator's ServiceAccount only: an admin's writes are untouched.
     admin = kube.kubectl(
         "-n", tenant, "patch", "deployment", "web", "--type=json",
