@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -265,11 +266,9 @@ def test_rewrap_shows_progress_and_stops_when_done_or_at_the_timeout(
     assert {get(kube, "datakey", dk, ns)["status"]["keyRingVersion"] for dk in "ab"} == {2}
 
     # A DataKey that cannot move (its namespace is not allowed): the wait ends at --timeout.
-    apply(kube, datakey("stray", ns, name))
     kube.kubectl("patch", "keyring", name, "--type=merge", "-p",
                  json.dumps({"spec": {"allowedNamespaces": {"names": ["elsewhere"]}}}))  # fmt: skip
-    kube.kubectl("patch", "datakey", "stray", "-n", ns, "--type=merge", "-p",
-                 json.dumps({"spec": {"length": 48}}))  # fmt: skip
+    apply(kube, datakey("stray", ns, name))
     stuck = _cli(kube, "rewrap", name, "-n", ns, "--timeout", "3")
     assert stuck.returncode == 1
     assert "timed out: 2 of 3 DataKeys re-wrapped" in stuck.stderr
@@ -362,6 +361,7 @@ class Plane:
     def doctor(self, *args: str) -> tuple[int, dict[str, Any]]:
         socket_args = [] if "--hsm-socket" in args else ["--hsm-socket", str(self.sidecar.socket)]
         result = _cli(self.kube, "doctor", *socket_args, "-o", "json", *args)
+        assert result.stdout.startswith("{"), result.stderr
         report = _validate(result.stdout, "DoctorReport")
         assert result.returncode == report["exitCode"], result.stderr
         return result.returncode, report
@@ -482,7 +482,8 @@ def test_doctor_finds_a_stopped_sidecar_then_a_stopped_operator(plane: Plane) ->
         code, report = plane.doctor("--hsm-socket", str(other.socket))
         (mismatch,) = _findings(report, "sidecar")
         assert mismatch["status"] == "error"
-        assert mismatch["message"].startswith("KeyRing shop: the token does not describe it")
+        assert mismatch["message"].startswith("KeyRing shop v1: status fingerprint ")
+        assert mismatch["message"].endswith(", token has no such version")
         assert mismatch["object"] == "keyring/shop"
     finally:
         other.stop()
@@ -495,7 +496,8 @@ def test_doctor_finds_a_stopped_sidecar_then_a_stopped_operator(plane: Plane) ->
 
 
 def test_doctor_finds_keyrings_in_trouble(plane: Plane) -> None:
-    """With the operator stopped (previous test), the status is what this test writes."""
+    """With the operator stopped, the status is what this test writes."""
+    plane.operator.stop()
     kube = plane.kube
     now = dt.datetime.now(dt.UTC)
     kr = get(kube, "keyring", "shop")
@@ -575,3 +577,34 @@ def test_rbac_the_doctor_checks_is_the_chart_s(kube: Cluster) -> None:
                                 Permission(group, resource, verb, doc["kind"] == "Role", name)
                             )
     assert set(operator_permissions("kustody-operator")) == granted
+
+
+def test_operator_metrics_listen_where_told(
+    kube: Cluster, kustody_operator: Operator, hsm_sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """--metrics-address: a standby replica (the session's operator holds the Lease) serves
+    /metrics on 127.0.0.2 only."""
+    port = _free_port()
+    standby = Operator(
+        tmp_path, kube, hsm_sidecar.socket, name="standby", metrics_port=port,
+        extra_args=("--metrics-address", "127.0.0.2"),
+    ).start()  # fmt: skip
+    try:
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=2) as r:
+                return str(r.read().decode())
+
+        body = eventually(lambda: _or_none(scrape), 60, "/metrics on 127.0.0.2")
+        assert "kustody_" in body
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        standby.stop()
+
+
+def _or_none(call: Callable[[], str]) -> str | None:
+    try:
+        return call()
+    except OSError:
+        return None
