@@ -386,6 +386,16 @@ def run() -> dict[str, Any]:
                 "metadata": {"name": DK, "namespace": NS},
                 "spec": {"keyRingRef": {"name": RING}, "secretName": "x", "consumers": [SA]},
             }
+            keyring = {  # the unwrap service checks that it (still) allows the namespace
+                "apiVersion": "kustody.io/v1alpha1",
+                "kind": "KeyRing",
+                "metadata": {"name": RING},
+                "spec": {"algorithm": "AES256GCM", "allowedNamespaces": {"names": [NS]}},
+            }
+            cluster.kubectl(
+                "wait", "--for=condition=Established", "--timeout=60s", "crd/keyrings.kustody.io"
+            )
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(keyring))
             cluster.kubectl("apply", "-f", "-", input=json.dumps(datakey))
             ca, cert, key = _tls(base)
             token = create_token(base / "token", "bench")
