@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kustody.client import Keyset
 
 RESULTS = Path(__file__).parent / "results" / "client.json"
-REPS = int(os.environ.get("KUSTODY_BENCH_REPS", "5"))
+REPS = int(os.environ.get("KUSTODY_BENCH_REPS", "7"))
 SECONDS = float(os.environ.get("KUSTODY_BENCH_SECONDS", "0.4"))  # CPU seconds per measurement
 STREAM_BYTES = int(os.environ.get("KUSTODY_BENCH_STREAM_MIB", "256")) * 1024 * 1024
 SIZES = {"1KiB": 1024, "1MiB": 1024 * 1024}
@@ -115,6 +115,8 @@ def one_shot() -> dict[str, Any]:
                 "ratio_min": round(min(ratios), 3),
                 "ratio_max": round(max(ratios), 3),
                 "ratio_to_raw_wall": round(statistics.median(wall_ratios), 3),
+                "ratio_wall_min": round(min(wall_ratios), 3),
+                "ratio_wall_max": round(max(wall_ratios), 3),
                 "lib_MB_s": round(statistics.median(samples["lib"]) / 1e6, 1),
                 "raw_MB_s": round(statistics.median(samples["raw"]) / 1e6, 1),
                 "repetitions": REPS,

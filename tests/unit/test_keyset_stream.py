@@ -313,3 +313,30 @@ def test_constant_memory_reads_one_segment_ahead() -> None:
     out = io.BytesIO()
     GEN2_PRIMARY.decrypt_stream(Counting(ciphertext), out)
     assert Counting.largest == S + 16
+
+
+class Stingy(io.RawIOBase):
+    """A sink that takes at most 1000 bytes per write, like an unbuffered pipe."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        taken = bytes(data[:1000])
+        self.data += taken
+        return len(taken)
+
+
+def test_short_writes_are_completed() -> None:
+    plaintext = os.urandom(2 * S + 3)
+    sink = Stingy()
+    GEN2_PRIMARY.encrypt_stream(io.BytesIO(plaintext), sink, segment_size=S)  # type: ignore[arg-type]
+    clear = Stingy()
+    GEN2_PRIMARY.decrypt_stream(io.BytesIO(bytes(sink.data)), clear)  # type: ignore[arg-type]
+    assert bytes(clear.data) == plaintext
+    again = Stingy()
+    GEN2_PRIMARY.reencrypt_stream(io.BytesIO(bytes(sink.data)), again)  # type: ignore[arg-type]
+    assert decrypt(GEN2_PRIMARY, bytes(again.data)) == plaintext

@@ -132,16 +132,29 @@ def read_exactly(src: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
+def write_all(dst: BinaryIO, data: bytes) -> None:
+    """Write every byte: an unbuffered (raw) file may take fewer than it was given."""
+    written = dst.write(data)
+    if written is None or written >= len(data):  # None: a writer that does not count
+        return
+    view = memoryview(data)[written:]
+    while view:
+        written = dst.write(view)
+        if not written:
+            raise OSError("dst accepted no bytes (a non-blocking file?); pass a blocking one")
+        view = view[written:]
+
+
 def encrypt(sealer: Sealer, src: BinaryIO, dst: BinaryIO) -> None:
     """Write the header and every segment of ``src``. Reads one segment ahead, so the final
     segment is known before it is sealed and is empty only for an empty plaintext."""
-    dst.write(sealer.header)
+    write_all(dst, sealer.header)
     segment_size = sealer.segment_size
     current = read_exactly(src, segment_size)
     while True:
         following = read_exactly(src, segment_size) if len(current) == segment_size else b""
         last = not following
-        dst.write(sealer.seal(current, last))
+        write_all(dst, sealer.seal(current, last))
         if last:
             return
         current = following

@@ -209,7 +209,7 @@ class Keyset:
         opened = aead_stream.open_stream(src)
         key = self._key(opened.key_id)
         for plaintext, _ in opened.segments(key.dek, src, associated_data):
-            dst.write(plaintext)
+            aead_stream.write_all(dst, plaintext)
 
     def reencrypt_stream(self, src: BinaryIO, dst: BinaryIO, associated_data: bytes = b"") -> None:
         """Decrypt a stream with whatever key it names and write it encrypted under the primary
@@ -222,9 +222,9 @@ class Keyset:
             self._primary.dek, self._primary.key_id, associated_data, opened.segment_size
         )
         segments = opened.segments(key.dek, src, associated_data)
-        dst.write(sealer.header)
+        aead_stream.write_all(dst, sealer.header)
         for plaintext, last in segments:
-            dst.write(sealer.seal(plaintext, last))
+            aead_stream.write_all(dst, sealer.seal(plaintext, last))
 
     # -- keys ----------------------------------------------------------------------------------
 
