@@ -140,8 +140,8 @@ async def _worker(rt: Runtime) -> None:
             delay = rt.queue.retry(key)
             hold = max(0.0, exc.retry_after - delay)
             log.info(
-                "%s %s/%s: API server asked to wait %.0fs (429); retry in %.1fs",
-                kind, namespace, name, exc.retry_after, delay + hold,
+                "%s %s/%s: API server asked to wait %.0fs (429); retry in %.1fs (queue %d)",
+                kind, namespace, name, exc.retry_after, delay + hold, len(rt.queue),
             )  # fmt: skip
         except (HsmError, KubeError) as exc:
             outcome = "error"

@@ -65,6 +65,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
+def _no_hidden_waits(api_client: Any) -> None:
+    """urllib3 by default answers a 429/503 with Retry-After itself for idempotent verbs:
+    it sleeps and sends again, unseen (not counted, not shared with the other threads).
+    Such answers come back to ``Kube`` instead; connection retries stay as they were."""
+    pool = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
+    if pool is None:
+        return
+    current = pool.connection_pool_kw.get("retries")
+    base = current if isinstance(current, urllib3.Retry) else urllib3.Retry(3)
+    pool.connection_pool_kw["retries"] = base.new(respect_retry_after_header=False)
+    pool.clear()
+
+
 class _Pause(Exception):
     """One attempt was refused with a Retry-After (internal to ``Kube._request``)."""
 
@@ -90,6 +103,7 @@ class Kube:
 
     def __init__(self, api_client: Any, *, workers: int = 16, observe: Observer | None = None):
         self._api = api_client
+        _no_hidden_waits(api_client)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
         self._observe = observe
         # After a Retry-After, no request of this client for the same kind is sent before
