@@ -1076,18 +1076,32 @@ def test_admission_policy_confines_what_the_operator_token_can_write(
     assert applied.returncode != 0, "server-side apply must not create a workload"
     assert as_op.kubectl("-n", tenant, "delete", "deployment", "web", check=False).returncode
 
-    # The operator's real rollout restart, as the operator's ServiceAccount.
-    async def operator_restart(generation: int) -> bool:
+    # The operator's real rollout restart, as the operator's ServiceAccount, of each kind
+    # (a DaemonSet's template change also bumps its deprecated.daemonset.template.generation
+    # annotation server-side: still admitted).
+    for kind, name in (("StatefulSet", "db"), ("DaemonSet", "agent")):
+        kube.kubectl("create", "-f", "-", input=json.dumps({
+            "apiVersion": "apps/v1", "kind": kind,
+            "metadata": {"name": name, "namespace": tenant,
+                         "annotations": {"kustody.io/allow-rollout-restart": "ledger"}},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "c", "image": "registry.example/c:1"}]}}},
+        }))  # fmt: skip
+
+    async def operator_restart(kind: str, name: str, generation: int) -> bool:
         client = Kube(load_api_client(str(as_op.kubeconfig)))
         try:
-            return await restart(client, tenant, "Deployment", "web", "ledger", generation)
+            return await restart(client, tenant, kind, name, "ledger", generation)
         finally:
             client.close()
 
-    assert asyncio.run(operator_restart(1)) is True
-    assert asyncio.run(operator_restart(2)) is True
+    for kind, name in (("Deployment", "web"), ("StatefulSet", "db"), ("DaemonSet", "agent")):
+        assert asyncio.run(operator_restart(kind, name, 1)) is True, kind
+        assert asyncio.run(operator_restart(kind, name, 2)) is True, kind
+        template = _get(kube, "-n", tenant, kind.lower(), name)["spec"]["template"]
+        assert template["metadata"]["annotations"] == {"dk.kustody.io/ledger": "2"}
     template = _get(kube, "-n", tenant, "deployment", "web")["spec"]["template"]
-    assert template["metadata"]["annotations"] == {"dk.kustody.io/ledger": "2"}
     assert template["spec"]["containers"][0]["image"] == "registry.example/web:1"
     # KeyRings: its finalizer, nothing else (GitOps owns spec).
     ring = f"chart-{secrets.token_hex(3)}"
