@@ -8,7 +8,7 @@ Layout (all integers big-endian; see docs/keyset-format.md)::
     5       12    nonce (os.urandom)
     17      n+16  AES-256-GCM ciphertext of the n-byte plaintext ‖ 16-byte tag
 
-The GCM associated data is bytes 0..5 (format byte ‖ key id) followed by the caller's
+The GCM associated data is the first 5 bytes (format byte ‖ key id) followed by the caller's
 associated data, so changing the header or the associated data fails authentication. Only
 this module and :mod:`kustody.client.aead_stream` know the byte layouts; the caller never
 chooses a nonce or an algorithm. ``_seal`` takes the nonce as an argument: it is the private
