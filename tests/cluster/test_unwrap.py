@@ -449,7 +449,9 @@ def test_init_container_command_writes_the_key_to_memory_only(world: World) -> N
             world.sidecar.socket, get(world.kube, "secret", "orders-dek", world.a) or {}
         )
         assert out.stat().st_mode & 0o777 == 0o400
-        assert [p.name for p in out_dir.iterdir()] == ["dek"]  # no temp file left behind
+        # No temp file left behind; the keyset beside the key (the Secret publishes one).
+        assert sorted(p.name for p in out_dir.iterdir()) == ["dek", "keyset.json"]
+        assert (out_dir / "keyset.json").stat().st_mode & 0o777 == 0o400
         for form in (dek, dek.hex().encode(), base64.b64encode(dek)):
             assert form not in result.stderr
         assert token.encode() not in result.stderr
@@ -904,3 +906,58 @@ def test_the_example_workload_passes_server_side_dry_run(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "deployment.apps/orders-api created (server dry run)" in result.stdout
+
+
+def test_the_init_container_writes_the_whole_keyset_and_old_data_still_decrypts(
+    world: World,
+) -> None:
+    """Issue 11: after a regeneration the workload gets every generation in one unwrap call,
+    so data encrypted under the earlier generation stays readable."""
+    from kustody.client.keyset import Keyset
+
+    kube, ns = world.kube, world.a
+    apply(kube, datakey("gens", ns, world.ring, consumers=["app"]))
+    eventually(lambda: ready(get(kube, "datakey", "gens", ns)), 60, "gens Ready")
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("/dev/shm is missing: no tmpfs to write to")
+    out_dir = shm / f"kustody-test-{secrets.token_hex(4)}"
+    out_dir.mkdir(mode=0o700)
+    token = world.token(ns, "app")
+    try:
+        args = ("--secret-dir", str(world.secret_dir(ns, "gens")), "--out", str(out_dir / "dek"))
+        assert _run_unwrap(world, token, *args).returncode == 0
+        first = Keyset.load(out_dir / "keyset.json")
+        old = first.encrypt(b"before the regeneration", b"ad")
+
+        kube.kubectl(
+            "-n", ns, "annotate", "datakey", "gens",
+            "kustody.io/regenerate-requested-at=2026-12-02T00:00:00Z",
+        )  # fmt: skip
+        eventually(
+            lambda: len(json.loads(secret_data(get(kube, "secret", "gens-dek", ns) or {})
+                                   .get("keyset", "{}") or "{}").get("keys", [])) == 2,
+            60,
+            "two generations in the Secret",
+        )  # fmt: skip
+        args = ("--secret-dir", str(world.secret_dir(ns, "gens")), "--out", str(out_dir / "dek"))
+        result = _run_unwrap(world, token, *args)
+        assert result.returncode == 0, result.stderr
+        second = Keyset.load(out_dir / "keyset.json")
+        assert len(second.key_ids) == 2
+        assert second.primary_key_id != first.primary_key_id
+        assert second.decrypt(old, b"ad") == b"before the regeneration"
+        assert (out_dir / "dek").read_bytes() == operator_unwrap(
+            world.sidecar.socket, get(kube, "secret", "gens-dek", ns) or {}
+        )
+        keyset_bytes = (out_dir / "keyset.json").read_bytes()
+        assert keyset_bytes not in result.stderr
+        assert token.encode() not in result.stderr
+        # A pod of another namespace gets nothing, keyset or not.
+        denied = _run_unwrap(world, world.token(world.b, "app"), *args)
+        assert denied.returncode == 1
+        assert b"NAMESPACE_MISMATCH" in denied.stderr
+    finally:
+        for p in out_dir.iterdir():
+            p.unlink()
+        out_dir.rmdir()

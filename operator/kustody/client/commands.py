@@ -1,8 +1,10 @@
 """``kustody unwrap`` (also ``python -m kustody.client``): for an init container.
 
 Writes the plaintext DEK to a file on a memory-backed filesystem (an ``emptyDir`` with
-``medium: Memory``), atomically and with mode 0400. Never to disk unless ``--allow-disk``,
-never to stdout unless ``--stdout``; errors name a reason, never the key or the token.
+``medium: Memory``), atomically and with mode 0400, and beside it the DataKey's keyset (every
+generation, for ``kustody.client.Keyset``) when the Secret publishes one. Never to disk
+unless ``--allow-disk``, never to stdout unless ``--stdout``; errors name a reason, never the
+key or the token.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from kustody.client.errors import UnwrapError
 from kustody.client.memoryfs import is_memory_backed
-from kustody.client.secretdir import ENCRYPTION_CONTEXT, WRAPPED_KEY
+from kustody.client.secretdir import ENCRYPTION_CONTEXT, KEYSET, WRAPPED_KEY
 from kustody.client.unwrapper import (
     CA_FILE_ENV,
     ENDPOINT_ENV,
@@ -32,6 +34,15 @@ from kustody.client.unwrapper import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secret-dir", required=True, type=Path, help="the mounted DataKey Secret")
     parser.add_argument("--out", type=Path, help="write the DEK here (a memory-backed directory)")
+    parser.add_argument(
+        "--keyset-out",
+        type=Path,
+        help=(
+            "write the keyset (every generation's DEK, JSON for kustody.client.Keyset) here; "
+            "default: keyset.json beside --out, when the Secret has a keyset entry"
+        ),
+    )
+    parser.add_argument("--keyset-name", default=KEYSET, help="default: %(default)s")
     parser.add_argument("--stdout", action="store_true", help="write the DEK to stdout")
     parser.add_argument(
         "--allow-disk",
@@ -138,6 +149,11 @@ def _open_directory(path: Path) -> tuple[int, str]:
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.stdout:
         return _fail("nothing to do: give --out FILE and/or --stdout")
+    if args.keyset_out is not None and (
+        args.out is None
+        or os.path.realpath(args.keyset_out.parent) != os.path.realpath(args.out.parent)
+    ):
+        return _fail("--keyset-out must be in the same (memory-backed) directory as --out")
     directory: int | None = None
     try:
         if args.out is not None:
@@ -168,8 +184,9 @@ def _unwrap(args: argparse.Namespace, directory: int | None) -> int:
         cache_ttl=0,
     )
     try:
-        dek = client.unwrap(
+        dek, keyset = client.unwrap_all(
             args.secret_dir,
+            keyset=args.keyset_name,
             wrapped_key=args.wrapped_key_name,
             encryption_context=args.encryption_context_name,
         )
@@ -184,6 +201,13 @@ def _unwrap(args: argparse.Namespace, directory: int | None) -> int:
         except OSError as exc:
             return _fail(f"cannot write {args.out}: {exc.strerror or exc}")
         print(f"kustody unwrap: wrote {len(dek)}-byte key to {args.out}", file=sys.stderr)
+        if keyset is not None:
+            name = args.keyset_out.name if args.keyset_out else "keyset.json"
+            try:
+                _write_in(directory, name, keyset)
+            except OSError as exc:
+                return _fail(f"cannot write the keyset {name}: {exc.strerror or exc}")
+            print(f"kustody unwrap: wrote the keyset to {args.out.parent / name}", file=sys.stderr)
     if args.stdout:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()

@@ -9,6 +9,8 @@ without the operator's dependencies::
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import random
 import threading
@@ -25,8 +27,10 @@ from kustody.client._proto import unwrap_pb2 as pb
 from kustody.client.errors import BACKOFF_REASONS, Reason, UnwrapError
 from kustody.client.secretdir import (
     ENCRYPTION_CONTEXT,
+    KEYSET,
     WRAPPED_KEY,
     WrappedKey,
+    read_keyset_dir,
     read_secret_dir,
 )
 
@@ -38,6 +42,9 @@ DEFAULT_TOKEN_FILE = "/var/run/secrets/kustody/token"  # noqa: S105 (a path)
 DEFAULT_CA_FILE = "/var/run/secrets/kustody/ca.crt"
 METHOD = "/kustody.workload.v1.Unwrap/Unwrap"
 REASON_KEY = "kustody-reason"
+# What unwrap_keyset returns, as kustody.client.keyset reads it (that module needs
+# cryptography; the unwrapping side does not import it).
+KEYSET_FILE_FORMAT = "kustody.io/keyset/v1"
 _MAX_CACHE = 1024
 _MAX_TOKEN_BYTES = 16 * 1024
 
@@ -147,6 +154,69 @@ class UnwrapClient:
         )
         return self.unwrap_key(key).plaintext
 
+    def unwrap_keyset(
+        self,
+        secret_dir: str | Path,
+        *,
+        keyset: str = KEYSET,
+        wrapped_key: str = WRAPPED_KEY,
+        encryption_context: str = ENCRYPTION_CONTEXT,
+    ) -> bytes | None:
+        """The DataKey's whole keyset with every generation's DEK, as the keyset file
+        ``kustody.client.Keyset`` reads (JSON, ``kustody.io/keyset/v1``; it holds plaintext
+        keys: keep it on a memory filesystem). None when the Secret has no keyset entry."""
+        return self.unwrap_all(
+            secret_dir, keyset=keyset, wrapped_key=wrapped_key,
+            encryption_context=encryption_context,
+        )[1]  # fmt: skip
+
+    def unwrap_all(
+        self,
+        secret_dir: str | Path,
+        *,
+        keyset: str = KEYSET,
+        wrapped_key: str = WRAPPED_KEY,
+        encryption_context: str = ENCRYPTION_CONTEXT,
+    ) -> tuple[bytes, bytes | None]:
+        """One call: the primary DEK, and the keyset file (None without a keyset entry)."""
+        wrapped = read_keyset_dir(
+            secret_dir,
+            keyset=keyset,
+            wrapped_key=wrapped_key,
+            encryption_context=encryption_context,
+        )
+        if wrapped is None:
+            return self.unwrap(
+                secret_dir, wrapped_key=wrapped_key, encryption_context=encryption_context
+            ), None
+        request = self._request(wrapped.key)
+        for g in wrapped.generations:
+            request.generations.add(
+                key_id=g.key_id, generation=g.generation, primary=g.primary, wrapped=g.wrapped
+            )
+        response = self._retrying(request)
+        primary = next((k for k in response.keys if k.primary), None)
+        if primary is None or len(response.keys) != len(wrapped.generations):
+            raise UnwrapError(Reason.UNKNOWN, "the sidecar did not return the whole keyset")
+        document = json.dumps(
+            {
+                "format": KEYSET_FILE_FORMAT,
+                "dataKey": {"namespace": wrapped.key.namespace, "name": wrapped.key.data_key},
+                "primaryKeyId": primary.key_id,
+                "keys": [
+                    {
+                        "keyId": k.key_id,
+                        "generation": k.generation,
+                        "status": "Primary" if k.primary else "DecryptOnly",
+                        "key": base64.b64encode(k.plaintext).decode("ascii"),
+                    }
+                    for k in response.keys
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+        return response.plaintext, document
+
     def unwrap_key(self, key: WrappedKey) -> Unwrapped:
         cached = self._cached(key)
         if cached is not None:
@@ -192,14 +262,21 @@ class UnwrapClient:
                 return None
             return entry[1]
 
-    def _with_retries(self, key: WrappedKey) -> Unwrapped:
-        request = pb.UnwrapRequest(
+    @staticmethod
+    def _request(key: WrappedKey) -> pb.UnwrapRequest:
+        return pb.UnwrapRequest(
             wrapped=key.wrapped,
             key_ring=key.key_ring,
             namespace=key.namespace,
             data_key=key.data_key,
             encryption_context=key.context,
         )
+
+    def _with_retries(self, key: WrappedKey) -> Unwrapped:
+        response = self._retrying(self._request(key))
+        return Unwrapped(response.plaintext, response.version)
+
+    def _retrying(self, request: pb.UnwrapRequest) -> pb.UnwrapResponse:
         for attempt in range(self.attempts):
             try:
                 return self._once(request)
@@ -210,7 +287,7 @@ class UnwrapClient:
                 self._sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (jitter)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _once(self, request: pb.UnwrapRequest) -> Unwrapped:
+    def _once(self, request: pb.UnwrapRequest) -> pb.UnwrapResponse:
         token = _read_file(
             self.token_file, Reason.TOKEN_FILE_UNREADABLE, "token file", _MAX_TOKEN_BYTES
         )
@@ -221,7 +298,7 @@ class UnwrapClient:
             )
         except grpc.RpcError as exc:
             raise error_from(exc) from None
-        return Unwrapped(response.plaintext, response.version)
+        return response
 
     def _stub(self) -> Any:
         with self._lock:

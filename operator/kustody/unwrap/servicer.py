@@ -44,6 +44,7 @@ SERVICE = "kustody.workload.v1.Unwrap"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _BEARER = "bearer "
+MAX_GENERATIONS = 256  # keyset entries unwrapped in one call
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -73,6 +74,30 @@ def parse_request(request: pb.UnwrapRequest) -> tuple[Envelope, Binding]:
             f"key_ring {request.key_ring!r} is not the envelope's KeyRing",
         )
     return envelope, binding
+
+
+def parse_generations(
+    request: pb.UnwrapRequest, key_ring: str
+) -> list[tuple[pb.WrappedGeneration, Envelope]]:
+    """The keyset's envelopes: all of the one KeyRing the primary names (the AAD binds each
+    to the same namespace and DataKey, so one authorisation covers them all)."""
+    if len(request.generations) > MAX_GENERATIONS:
+        raise Refusal(
+            Reason.INVALID_ARGUMENT, f"more than {MAX_GENERATIONS} generations in one request"
+        )
+    out = []
+    for item in request.generations:
+        try:
+            envelope = Envelope.from_text(item.wrapped)
+        except DomainError as exc:
+            raise Refusal.from_hsm(from_domain(exc)) from None
+        if envelope.key.key_ring != key_ring:
+            raise Refusal(
+                Reason.INVALID_ARGUMENT,
+                f"generation {item.generation} is not wrapped under KeyRing {key_ring}",
+            )
+        out.append((item, envelope))
+    return out
 
 
 class UnwrapServicer:
@@ -125,6 +150,7 @@ class UnwrapServicer:
                 )
             envelope, binding = parse_request(request)
             key_ring, version = envelope.key.key_ring, envelope.key.version
+            generations = parse_generations(request, key_ring)
             check_namespace(identity, request.namespace)
             grant = await self._directory.grant(identity.namespace, request.data_key)
             check_grant(identity, request.data_key, key_ring, grant)
@@ -136,10 +162,22 @@ class UnwrapServicer:
                 # request whose bookkeeping (kustody.hsm.keyservice._DecryptQueue) is only
                 # released when an answer is delivered to a waiter that is not done — a
                 # cancelled sole waiter would leave every later decrypt queued for ever.
-                plaintext = await asyncio.shield(self._keys.decrypt(envelope, binding))
+                plaintexts = await asyncio.shield(
+                    asyncio.gather(
+                        self._keys.decrypt(envelope, binding),
+                        *(self._keys.decrypt(e, binding) for _, e in generations),
+                    )
+                )
             except HsmError as exc:
                 raise Refusal.from_hsm(exc) from None
-            response = pb.UnwrapResponse(plaintext=plaintext, version=version)
+            response = pb.UnwrapResponse(plaintext=plaintexts[0], version=version)
+            for (item, _), key in zip(generations, plaintexts[1:], strict=True):
+                response.keys.add(
+                    key_id=item.key_id,
+                    generation=item.generation,
+                    primary=item.primary,
+                    plaintext=key,
+                )
             outcome = "ok"
             return response
         except Refusal as refusal:
