@@ -309,3 +309,29 @@ def test_admission_refusals_cost_no_review_and_count_metrics() -> None:
 )
 def test_peer_address_drops_the_port(peer: str, address: str) -> None:
     assert peer_address(peer) == address
+
+
+def test_a_caller_that_gives_up_keeps_its_review_in_flight_and_fails_nobody_else() -> None:
+    """Forged tokens with tiny deadlines must not get around the in-flight bound: the slot
+    is held until the API server answers, whoever stopped waiting."""
+    api = Api()
+    limits = ReviewLimits(peer_rate=1e6, peer_burst=1e6, rate=1e6, burst=1e6, in_flight=1)
+    reviewer = TokenReviewer(api, clock=Clock(), limits=limits)
+
+    async def run() -> None:
+        api.gate = asyncio.Event()
+        leader = asyncio.create_task(outcome(reviewer, GOOD))
+        await asyncio.sleep(0.01)
+        follower = asyncio.create_task(outcome(reviewer, GOOD))
+        await asyncio.sleep(0.01)
+        leader.cancel()  # its caller went away (deadline, cancel)
+        await asyncio.sleep(0.01)
+        assert reviewer.in_flight == 1
+        assert await outcome(reviewer, forged(1)) == "AUTH_BUSY"  # still bounded
+        api.gate.set()
+        assert await follower == "ok"  # not failed by the leader's cancellation
+        assert reviewer.in_flight == 0
+        assert await outcome(reviewer, GOOD) == "ok"  # and the answer was cached
+        assert api.tokens == [GOOD]
+
+    asyncio.run(run())

@@ -209,21 +209,22 @@ class TokenReviewer:
                 raise refused[1]
             del self._refusals[digest]
         pending = self._pending.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
-        self._pending[digest] = future
-        try:
-            identity = await self._authenticate(token, digest, now, peer)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise
-        else:
-            future.set_result(identity)
-            return identity
-        finally:
+        if pending is None:
+            claims = precheck(token, self.audience, now)
+            self._admit(peer)
+            # The review runs in its own task that no caller's cancellation reaches: a caller
+            # that gives up (or runs out of time) neither frees its in-flight slot while the
+            # API request is still running, nor fails the callers sharing the review.
+            pending = asyncio.ensure_future(self._authenticate(token, digest, claims))
+            self._pending[digest] = pending
+            pending.add_done_callback(lambda task: self._reviewed(digest, task))
+        return await asyncio.shield(pending)
+
+    def _reviewed(self, digest: str, task: asyncio.Future[Identity]) -> None:
+        if self._pending.get(digest) is task:
             del self._pending[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
     def _admit(self, peer: str) -> None:
         """Refuse, without a TokenReview, what is over the review limits."""
@@ -246,9 +247,7 @@ class TokenReviewer:
                 "retry with backoff",
             )
 
-    async def _authenticate(self, token: str, digest: str, now: float, peer: str) -> Identity:
-        claims = precheck(token, self.audience, now)
-        self._admit(peer)
+    async def _authenticate(self, token: str, digest: str, claims: Mapping[str, Any]) -> Identity:
         self.reviews += 1
         self.in_flight += 1
         try:
