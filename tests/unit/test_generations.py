@@ -167,3 +167,21 @@ def test_prop_removal_is_always_staged_and_never_touches_the_primary(
         assert primary(generations).generation == n  # type: ignore[union-attr]
         if keep is None and keep_for_h is None:
             assert len(generations) == n
+
+
+def test_generations_by_state_are_a_metric() -> None:
+    from kustody.handlers.metrics import OperatorMetrics
+    from kustody.handlers.store import Store
+    from prometheus_client import generate_latest
+
+    datakeys = Store()
+    status = {"generations": to_status(_keyset(3))}
+    datakeys.put({"metadata": {"name": "a", "namespace": "n", "uid": "u"}, "status": status})
+    datakeys.put({"metadata": {"name": "b", "namespace": "n", "uid": "v"},
+                  "status": {"wrappedKey": "kustody:v1:x", "keyRingVersion": 1}})  # fmt: skip
+    metrics = OperatorMetrics()
+    metrics.watch_objects(Store(), datakeys, lambda: T0)
+    text = generate_latest(metrics.registry).decode()
+    assert 'kustody_dek_generations_in_keysets{state="Primary"} 2.0' in text
+    assert 'kustody_dek_generations_in_keysets{state="DecryptOnly"} 2.0' in text
+    assert 'kustody_dek_generations_in_keysets{state="RemovalScheduled"} 0.0' in text

@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kustody.domain import keyset
 from kustody.domain.conditions import find
+from kustody.domain.keyset import GenerationState
 from kustody.domain.lifecycle import State
 from kustody.domain.timestamps import parse_time
 from kustody.handlers.store import Store
@@ -78,6 +80,21 @@ class _ObjectCollector(Collector):
         for (ready_text, reason), count in sorted(by_ready.items()):
             datakeys.add_metric([ready_text, reason], float(count))
         yield datakeys
+
+        generations = GaugeMetricFamily(
+            "kustody_dek_generations_in_keysets",
+            "DEK generations in DataKeys' keysets, by state (Primary, DecryptOnly, "
+            "RemovalScheduled)",
+            labels=["state"],
+        )
+        by_state: collections.Counter[str] = collections.Counter()
+        for dk in self._datakeys.values():
+            status = dk.get("status") or {}
+            uid = str((dk.get("metadata") or {}).get("uid") or "")
+            by_state.update(str(g.state) for g in keyset.from_status(status, uid))
+        for generation_state in GenerationState:
+            generations.add_metric([str(generation_state)], float(by_state[str(generation_state)]))
+        yield generations
 
 
 class OperatorMetrics:
