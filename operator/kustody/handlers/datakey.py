@@ -21,7 +21,17 @@ from kustody.domain.conditions import Condition, merge
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError, InvalidSpec
 from kustody.domain.schedule import in_window
-from kustody.domain.secret import SECRET_TYPE, SecretContent, differs, render
+from kustody.domain.secret import (
+    LABEL_DATAKEY,
+    LABEL_KEYRING,
+    LABEL_VERSION,
+    MANAGED_BY,
+    MANAGER,
+    SECRET_TYPE,
+    SecretContent,
+    differs,
+    render,
+)
 from kustody.domain.specs import (
     REWRAP_ANNOTATION,
     DataKeySpec,
@@ -121,8 +131,17 @@ async def _withdraw_plaintext(rt: Runtime, obj: Mapping[str, Any], spec: DataKey
         return
     if spec.keys.plaintext not in (secret.get("data") or {}):
         return
+    labels = {  # the chart's admission policy wants them on every write of ours
+        MANAGED_BY: MANAGER,
+        LABEL_DATAKEY: meta["name"],
+        LABEL_KEYRING: spec.key_ring,
+        LABEL_VERSION: str((obj.get("status") or {}).get("keyRingVersion") or ""),
+    }
     patch = {
-        "metadata": {"resourceVersion": secret["metadata"]["resourceVersion"]},
+        "metadata": {
+            "resourceVersion": secret["metadata"]["resourceVersion"],
+            "labels": {k: v for k, v in labels.items() if v},
+        },
         "data": {spec.keys.plaintext: None},
     }
     updated = await rt.kube.patch(SECRETS, spec.secret_name, patch, meta["namespace"])
