@@ -371,3 +371,16 @@ def test_krew_manifest_names_the_plugin_and_this_version() -> None:
         assert re.fullmatch(r"[0-9a-f]{64}", platform["sha256"])
     scripts = (ROOT / "pyproject.toml").read_text()
     assert 'kubectl-kustody = "kustody.cli:kubectl_main"' in scripts
+
+
+def test_last_event_within_one_second_is_the_later_write() -> None:
+    def event(reason: str, rv: str) -> dict[str, Any]:
+        return {
+            "metadata": {"resourceVersion": rv},
+            "involvedObject": {"kind": "DataKey", "namespace": "p", "name": "ledger"},
+            "reason": reason,
+            "lastTimestamp": "2026-12-01T11:00:00Z",
+        }
+
+    events = [event("Created", "120"), event("KeyRingNotFound", "101"), event("Waiting", "99")]
+    assert report.last_events(events)[("p", "ledger")]["reason"] == "Created"

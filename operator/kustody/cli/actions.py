@@ -111,7 +111,10 @@ def _rotate(args: argparse.Namespace) -> int:
         stamp = _now_stamp()
         deadline = time.monotonic() + args.timeout
         await _annotate(kube, args.keyring, ROTATE_ANNOTATION, stamp, "rotation")
-        print(f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})")
+        print(
+            f"rotation of KeyRing {args.keyring} requested ({ROTATE_ANNOTATION}={stamp})",
+            flush=True,  # before the progress on stderr, when both go to one pipe
+        )
         if not args.wait:
             return 0
         while True:
@@ -126,7 +129,7 @@ def _rotate(args: argparse.Namespace) -> int:
                 )
             await asyncio.sleep(_POLL)
         primary = int(status["primaryVersion"])
-        print(f"KeyRing {args.keyring}: v{primary} is primary")
+        print(f"KeyRing {args.keyring}: v{primary} is primary", flush=True)
         if await _rewrap_policy(kube, kr) == "Manual":
             print(
                 f"its RotationPolicy says rewrap: Manual, so DataKeys stay on their version "
@@ -155,7 +158,8 @@ def _rewrap(args: argparse.Namespace) -> int:
         await _annotate(kube, args.keyring, REWRAP_ANNOTATION, stamp, "a re-wrap")
         print(
             f"re-wrap of KeyRing {args.keyring}'s DataKeys under its primary version v{primary} "
-            f"requested ({REWRAP_ANNOTATION}={stamp})"
+            f"requested ({REWRAP_ANNOTATION}={stamp})",
+            flush=True,
         )
         if args.no_wait:
             return 0

@@ -107,10 +107,18 @@ def _event_time(event: Obj) -> str:
     )
 
 
+def _revision(event: Obj) -> int:
+    # Event times have second precision; within one second the later write has the higher
+    # resourceVersion (used only to break that tie).
+    value = str((event.get("metadata") or {}).get("resourceVersion") or "0")
+    return int(value) if value.isdigit() else 0
+
+
 def last_events(events: Iterable[Obj]) -> dict[tuple[str, str], dict[str, str]]:
     """The newest Event of each DataKey, by (namespace, name)."""
     newest: dict[tuple[str, str], dict[str, str]] = {}
-    for e in events:
+    order = sorted(events, key=lambda e: (_event_time(e), _revision(e)))
+    for e in order:
         involved = e.get("involvedObject") or {}
         if involved.get("kind") != "DataKey":
             continue
@@ -121,8 +129,7 @@ def last_events(events: Iterable[Obj]) -> dict[tuple[str, str], dict[str, str]]:
             "message": str(e.get("message") or ""),
             "time": _event_time(e),
         }
-        if key not in newest or entry["time"] >= newest[key]["time"]:
-            newest[key] = entry
+        newest[key] = entry  # in time order: the last one stays
     return newest
 
 
