@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from kustody.cli import build_parser, checks, doctor, main, output, report, target
-from kustody.cli.checks import Finding, Options
+from kustody.cli import build_parser, certificate, doctor, keyrings, main, output, report, target
+from kustody.cli.finding import Finding, Options
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,7 +234,7 @@ def test_doctor_keyring_findings() -> None:
         conditions=[{"type": "Ready", "status": "False", "reason": "NoPrimary", "message": "m"}],
         nextRotationAt="2026-11-30T00:00:00Z",
     )
-    found = checks.check_keyrings([scheduled], Options(now=NOW))
+    found = keyrings.check_keyrings([scheduled], Options(now=NOW))
     by_check = {f.check: f for f in found}
     assert by_check["keyrings"].status == "error"
     assert by_check["keyrings"].message == "KeyRing payments is not Ready: NoPrimary: m"
@@ -245,7 +245,7 @@ def test_doctor_keyring_findings() -> None:
         "3 DataKey(s) and 3 Secret(s) unreadable"
     )
     assert by_check["rotation"].status == "warning"
-    assert checks.check_keyrings([_keyring("fine")], Options(now=NOW))[0].status == "ok"
+    assert keyrings.check_keyrings([_keyring("fine")], Options(now=NOW))[0].status == "ok"
 
 
 def _cert(tmp_path: Path, names: list[str], days: float) -> Path:
@@ -288,13 +288,13 @@ def test_doctor_certificate_check(
     tmp_path: Path, names: list[str], days: float, wanted: list[str], statuses: list[str], text: str
 ) -> None:
     opts = Options(unwrap_cert=_cert(tmp_path, names, days), unwrap_names=wanted, now=NOW)
-    found = checks.check_certificate(opts)
+    found = certificate.check_certificate(opts)
     assert [f.status for f in found] == statuses
     assert text in found[0].message
 
 
 def test_doctor_without_an_unwrap_endpoint_says_how_to_check_it() -> None:
-    (found,) = checks.check_certificate(Options(now=NOW))
+    (found,) = certificate.check_certificate(Options(now=NOW))
     assert found.status == "skipped"
     assert "--unwrap-endpoint" in (found.fix or "")
 

@@ -1,68 +1,29 @@
-"""The checks of ``kustody doctor``: each looks at one part and says what to fix.
+"""The checks of ``kustody doctor`` that ask the API server and the HSM sidecar: CRDs, the
+operator's Lease, the sidecar's token and KEKs, the operator's RBAC.
 
-A check returns :class:`Finding` values; ``ok``, ``warning`` and ``error`` decide the exit
-code, ``skipped`` says what was not looked at and how to include it.
+Each returns :class:`~kustody.cli.finding.Finding` values; ``ok``, ``warning`` and ``error``
+decide the exit code, ``skipped`` says what was not looked at and how to include it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
-import socket
-import ssl
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from kustody.cli.finding import ERROR, OK, SKIPPED, WARNING, Finding, Options
 from kustody.cli.rbac import Permission, operator_permissions
-from kustody.cli.report import age, rotation_overdue
+from kustody.cli.report import age
 from kustody.domain.timestamps import parse_time
 
 if TYPE_CHECKING:
-    from kustody.hsm.client import HsmClient
     from kustody.kube.api import Kube
 
-OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
 CRD_NAMES = ("keyrings.kustody.io", "datakeys.kustody.io", "rotationpolicies.kustody.io")
 EXPECTED_VERSION = "v1alpha1"
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    status: str
-    message: str
-    fix: str | None = None
-    object: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "check": self.check,
-            "status": self.status,
-            "message": self.message,
-            "fix": self.fix,
-            "object": self.object,
-        }
-
-
-@dataclass
-class Options:
-    namespace: str = "kustody-system"
-    lease_name: str = "kustody-operator"
-    service_account: str = "kustody"
-    crds_dir: Path | None = None
-    hsm: HsmClient | None = None
-    hsm_where: str = ""
-    unwrap_endpoint: str | None = None
-    unwrap_cert: Path | None = None
-    unwrap_names: Sequence[str] = ()
-    cert_warn: dt.timedelta = dt.timedelta(days=30)
-    destroy_window: dt.timedelta = dt.timedelta(days=7)
-    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 # -- CRDs ------------------------------------------------------------------------------------
@@ -356,254 +317,3 @@ async def check_rbac(kube: Kube, opts: Options) -> list[Finding]:
         )
         for p in missing
     ]
-
-
-# -- the unwrap service's certificate --------------------------------------------------------
-
-
-def _split(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"{endpoint!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def peer_certificate(endpoint: str, server_name: str | None, timeout: float = 5.0) -> bytes:
-    """The certificate the server at ``endpoint`` presents. Only read, never trusted: no
-    request is sent over this connection, so it is not verified here."""
-    host, port = _split(endpoint)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection((host, port), timeout) as raw,
-        context.wrap_socket(raw, server_hostname=server_name or host) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    if not der:
-        raise ssl.SSLError("no certificate presented")
-    return der
-
-
-def _names(cert: Any) -> set[str]:
-    from cryptography import x509
-
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    return {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
-        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
-    }
-
-
-def _covers(names: set[str], wanted: str) -> bool:
-    try:
-        return str(ipaddress.ip_address(wanted)) in names
-    except ValueError:
-        pass
-    if wanted in names:
-        return True
-    _, _, rest = wanted.partition(".")
-    return bool(rest) and f"*.{rest}" in names
-
-
-def check_certificate(opts: Options) -> list[Finding]:
-    from cryptography import x509
-
-    if opts.unwrap_cert is None and opts.unwrap_endpoint is None:
-        return [
-            Finding(
-                "unwrap-cert",
-                SKIPPED,
-                "the unwrap service's certificate was not checked",
-                "pass --unwrap-endpoint HOST:PORT (or --unwrap-cert FILE) to check it",
-            )
-        ]
-    where = str(opts.unwrap_cert or opts.unwrap_endpoint)
-    wanted = list(opts.unwrap_names)
-    try:
-        if opts.unwrap_cert is not None:
-            cert = x509.load_pem_x509_certificate(opts.unwrap_cert.read_bytes())
-        else:
-            assert opts.unwrap_endpoint is not None
-            server_name = wanted[0] if wanted else None
-            cert = x509.load_der_x509_certificate(
-                peer_certificate(opts.unwrap_endpoint, server_name)
-            )
-            if not wanted:
-                wanted = [_split(opts.unwrap_endpoint)[0]]
-    except (OSError, ValueError, ssl.SSLError) as exc:
-        return [
-            Finding(
-                "unwrap-cert",
-                ERROR,
-                f"cannot read the unwrap service's certificate at {where}: {exc}",
-                "is the unwrap service enabled and reachable (kubectl port-forward)?",
-                where,
-            )
-        ]
-    findings: list[Finding] = []
-    after, before = cert.not_valid_after_utc, cert.not_valid_before_utc
-    renew = "renew the serving certificate (cert-manager, or the Secret the chart mounts)"
-    if after <= opts.now:
-        findings.append(
-            Finding(
-                "unwrap-cert",
-                ERROR,
-                f"certificate expired {after:%Y-%m-%dT%H:%M:%SZ} ({age(after, opts.now)} ago): "
-                "workloads cannot unwrap",
-                renew,
-                where,
-            )
-        )
-    elif before > opts.now:
-        findings.append(
-            Finding(
-                "unwrap-cert",
-                ERROR,
-                f"certificate not valid before {before:%Y-%m-%dT%H:%M:%SZ}",
-                "check the clock of the issuer",
-                where,
-            )
-        )
-    elif after - opts.now < opts.cert_warn:
-        findings.append(
-            Finding(
-                "unwrap-cert",
-                WARNING,
-                f"certificate expires {after:%Y-%m-%dT%H:%M:%SZ} (in {age(after, opts.now)})",
-                renew,
-                where,
-            )
-        )
-    names = _names(cert)
-    for name in wanted:
-        if not _covers(names, name):
-            findings.append(
-                Finding(
-                    "unwrap-cert",
-                    ERROR,
-                    f"certificate names {', '.join(sorted(names)) or 'nothing'}, not {name}: "
-                    "workloads that dial that name refuse it",
-                    "reissue it with that name in its subjectAltName",
-                    where,
-                )
-            )
-    if not findings:
-        findings.append(
-            Finding(
-                "unwrap-cert",
-                OK,
-                f"certificate valid until {after:%Y-%m-%dT%H:%M:%SZ} "
-                f"(in {age(after, opts.now)}), names {', '.join(sorted(names))}",
-            )
-        )
-    return findings
-
-
-# -- KeyRings and DataKeys -------------------------------------------------------------------
-
-
-def _ready(obj: Mapping[str, Any]) -> dict[str, Any]:
-    for c in (obj.get("status") or {}).get("conditions") or ():
-        if c.get("type") == "Ready":
-            return dict(c)
-    return {}
-
-
-def check_keyrings(keyrings: Sequence[Mapping[str, Any]], opts: Options) -> list[Finding]:
-    """KeyRings not Ready (with their reason), versions whose destruction is near, rotations
-    that are overdue."""
-    findings: list[Finding] = []
-    for kr in keyrings:
-        name = kr["metadata"]["name"]
-        ready = _ready(kr)
-        if ready.get("status") != "True":
-            findings.append(
-                Finding(
-                    "keyrings",
-                    ERROR,
-                    f"KeyRing {name} is not Ready: {ready.get('reason') or 'Pending'}: "
-                    f"{ready.get('message') or 'not reconciled yet'}",
-                    f"kubectl describe keyring {name}",
-                    f"keyring/{name}",
-                )
-            )
-        impact = {
-            int(i["version"]): i for i in (kr.get("status") or {}).get("destructionImpact") or ()
-        }
-        for v in (kr.get("status") or {}).get("versions") or ():
-            when = parse_time(v.get("destroyAt"))
-            if v.get("state") != "DestroyScheduled" or when is None:
-                continue
-            if when - opts.now <= opts.destroy_window:
-                hit = impact.get(int(v["version"]))
-                loses = (
-                    f"; it would make {hit['dataKeys']} DataKey(s) and {hit['secrets']} "
-                    "Secret(s) unreadable"
-                    if hit
-                    else ""
-                )
-                due = f"in {age(when, opts.now)}" if when > opts.now else "now (overdue)"
-                findings.append(
-                    Finding(
-                        "destruction",
-                        WARNING,
-                        f"KeyRing {name} v{v['version']} will be destroyed {due} "
-                        f"({v['destroyAt']}){loses}",
-                        f"if it is still needed: kustody restore {name} {v['version']}",
-                        f"keyring/{name}",
-                    )
-                )
-        if rotation_overdue(kr, opts.now):
-            due_at = (kr.get("status") or {}).get("nextRotationAt")
-            findings.append(
-                Finding(
-                    "rotation",
-                    WARNING,
-                    f"KeyRing {name}: rotation was due at {due_at} and has not happened",
-                    "check the operator's log and the KeyRing's conditions "
-                    f"(kubectl describe keyring {name})",
-                    f"keyring/{name}",
-                )
-            )
-    if not findings:
-        findings.append(
-            Finding(
-                "keyrings",
-                OK,
-                f"{len(keyrings)} KeyRing(s) Ready; no destruction in the next "
-                f"{opts.destroy_window.days} days; no rotation overdue",
-            )
-        )
-    return findings
-
-
-def check_datakeys(datakeys: Sequence[Mapping[str, Any]]) -> list[Finding]:
-    bad = [d for d in datakeys if _ready(d).get("status") != "True"]
-    if not bad:
-        return [Finding("datakeys", OK, f"{len(datakeys)} DataKey(s) Ready")]
-    findings = []
-    for d in bad[:20]:
-        ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
-        ready = _ready(d)
-        findings.append(
-            Finding(
-                "datakeys",
-                WARNING,
-                f"DataKey {ns}/{name} is not Ready: {ready.get('reason') or 'Pending'}: "
-                f"{ready.get('message') or 'not reconciled yet'}",
-                f"kubectl describe datakey {name} -n {ns}",
-                f"datakey/{ns}/{name}",
-            )
-        )
-    if len(bad) > 20:
-        findings.append(
-            Finding(
-                "datakeys", WARNING, f"... and {len(bad) - 20} more DataKeys not Ready",
-                "kustody status -A",
-            )
-        )  # fmt: skip
-    return findings

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kustody.cli import checks, output, target
-from kustody.cli.checks import ERROR, OK, SKIPPED, WARNING, Finding, Options
+from kustody.cli import certificate, checks, keyrings, output, target
+from kustody.cli.finding import ERROR, OK, SKIPPED, WARNING, Finding, Options
 from kustody.cli.report import API_VERSION
 from kustody.domain.timestamps import format_time
 from kustody.errors import UserError
@@ -100,23 +100,23 @@ async def diagnose(
             raise UserError(f"cannot reach the API server: {exc}") from None
         findings = list(crd_findings)
         findings += await checks.check_lease(kube, opts)
-        keyrings: list[Any] = []
+        rings: list[Any] = []
         datakeys: list[Any] = []
         if "keyrings.kustody.io" in present:
-            keyrings = await kube.list(KEYRINGS)
+            rings = await kube.list(KEYRINGS)
         if "datakeys.kustody.io" in present:
             datakeys = await kube.list(DATAKEYS)
-        findings += await checks.check_sidecar(keyrings, opts)
+        findings += await checks.check_sidecar(rings, opts)
         findings += await checks.check_rbac(kube, opts)
-        findings += await asyncio.to_thread(checks.check_certificate, opts)
+        findings += await asyncio.to_thread(certificate.check_certificate, opts)
         if "keyrings.kustody.io" in present:
-            findings += checks.check_keyrings(keyrings, opts)
+            findings += keyrings.check_keyrings(rings, opts)
         else:
             findings.append(
                 Finding("keyrings", SKIPPED, "KeyRings not checked: their CRD is missing")
             )
         if "datakeys.kustody.io" in present:
-            findings += checks.check_datakeys(datakeys)
+            findings += keyrings.check_datakeys(datakeys)
         return findings
     finally:
         kube.close()
