@@ -4,7 +4,10 @@
     under a token KEK, and unseal + seal for rewrap — the ceilings (see raw_rates);
 (b) unary GenerateDataKey and Decrypt over the unix socket at concurrency 1, 16, 64;
 (c) BatchGenerateDataKey and BatchReWrap (keys/s);
-(d) each case's ratio to (a).
+(d) each case's ratio to (a);
+(e) ``implementations``: (a) and (c) per PKCS#11 implementation — SoftHSM2 (from the run above),
+    Kryoptic, and Kryoptic with token-generated GCM IVs (``--gcm-iv token``) — each with its own
+    ``ratio_to_raw`` (Kryoptic in a child process: one module per process).
 The sidecar runs as a separate `kustody hsm` process, as in a pod. Numbers, not assertions.
 """
 
@@ -23,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
@@ -37,7 +40,7 @@ BINDING = Binding("bench", "dk", {"app": "bench"})
 RING = "bench"
 
 
-def raw_rates(token: SoftHSMToken) -> dict[str, float]:
+def raw_rates(token: DevToken) -> dict[str, float]:
     """In-process ceilings, doing the essential work of one batch item and nothing else.
 
     * ``seal``: a 32-byte DEK + 12-byte nonce from the token RNG (one C_GenerateRandom per 200
@@ -139,9 +142,12 @@ def raw_rates(token: SoftHSMToken) -> dict[str, float]:
     return measure()  # this bench process, before the sidecar (whose worker owns the token)
 
 
-def start_sidecar(token: SoftHSMToken, directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_sidecar(
+    token: DevToken, directory: Path, gcm_iv: str = "auto"
+) -> tuple[subprocess.Popen[bytes], Path]:
     socket = directory / "bench.sock"
     env = {**os.environ, **token.env, "KUSTODY_HSM_PIN_FILE": str(token.pin_file)}
+    env["KUSTODY_HSM_GCM_IV"] = gcm_iv
     command = [
         sys.executable, "-m", "kustody", "hsm", "--module", str(token.module),
         "--token-label", token.label, "--socket", str(socket), "--log-level", "WARNING",
@@ -188,7 +194,12 @@ def summary(rate: float, latencies: list[float], raw: float, **extra: Any) -> di
     }
 
 
-async def sidecar_cases(socket: Path, raw: dict[str, float]) -> dict[str, dict[str, Any]]:
+async def sidecar_cases(
+    socket: Path,
+    raw: dict[str, float],
+    unary: tuple[int, ...] = (1, 16, 64),
+    batches: tuple[int, ...] = (1, 4, 8),
+) -> dict[str, dict[str, Any]]:
     cases: dict[str, dict[str, Any]] = {}
     clients = [HsmClient.unix(socket) for _ in range(8)]
     setup = clients[0]
@@ -196,7 +207,7 @@ async def sidecar_cases(socket: Path, raw: dict[str, float]) -> dict[str, dict[s
     await setup.create_key_version(RING, 2)
     sample = await setup.generate_data_key(RING, BINDING, version=1)
 
-    for concurrency in (1, 16, 64):
+    for concurrency in unary:
 
         async def generate(i: int) -> int:
             await clients[i // 1_000_000 % len(clients)].generate_data_key(RING, BINDING)
@@ -238,7 +249,7 @@ async def sidecar_cases(socket: Path, raw: dict[str, float]) -> dict[str, dict[s
         failures += bad
         return len(results) - bad
 
-    for concurrency in (1, 4, 8):
+    for concurrency in batches:
 
         async def batch_generate(i: int) -> int:
             stub = stubs[i // 1_000_000 % len(stubs)]
@@ -303,23 +314,83 @@ NOTES = [
 ]
 
 
+IMPLEMENTATION_BATCHES = (1, 4)
+
+
+async def _health(socket: Path) -> str:
+    """The sidecar's Health message once it serves (it names the capability profile)."""
+    async with HsmClient.unix(socket) as client:
+        for _ in range(300):
+            health = await client.health()
+            if health.serving:
+                break
+            await asyncio.sleep(0.1)
+        return health.message
+
+
+def _per_implementation(
+    raw: dict[str, float], cases: dict[str, Any], health: str
+) -> dict[str, Any]:
+    batch = {k: v for k, v in cases.items() if k.startswith("batch_")}
+    return {
+        "raw": {name: round(rate, 1) for name, rate in raw.items()},
+        "health": health,
+        "cases": batch,
+        "ratio_to_raw": {k: v["ratio_to_raw"] for k, v in batch.items()},
+    }
+
+
+def one_implementation(kind: str, gcm_iv: str) -> dict[str, Any]:
+    """Raw ceilings and batch rates on one implementation (run in a child process)."""
+    with tempfile.TemporaryDirectory(prefix=f"kustody-bench-{kind}-") as tmp:
+        token = create_token(Path(tmp) / "token", "bench", kind=kind)
+        raw = raw_rates(token)
+        process, socket = start_sidecar(token, Path(tmp), gcm_iv)
+        try:
+            health = asyncio.run(_health(socket))
+            cases = asyncio.run(sidecar_cases(socket, raw, (), IMPLEMENTATION_BATCHES))
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    return {"gcm_iv": gcm_iv, **_per_implementation(raw, cases, health)}
+
+
+def implementation_in_child(kind: str, gcm_iv: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--implementation", kind, "--gcm-iv", gcm_iv]
+    child = subprocess.run(command, capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        return {"gcm_iv": gcm_iv, "error": child.stderr.strip()[-2000:]}
+    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--implementation":
+        print(json.dumps(one_implementation(sys.argv[2], sys.argv[4])))
+        return 0
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="kustody-bench-") as tmp:
         token = create_token(Path(tmp) / "token", "bench")
         raw = raw_rates(token)
         process, socket = start_sidecar(token, Path(tmp))
         try:
+            health = asyncio.run(_health(socket))
             cases = asyncio.run(sidecar_cases(socket, raw))
         finally:
             process.terminate()
             process.wait(timeout=10)
+    implementations = {
+        "softhsm2": {"gcm_iv": "auto", **_per_implementation(raw, cases, health)},
+        "kryoptic": implementation_in_child("kryoptic", "auto"),
+        "kryoptic_gcm_iv_token": implementation_in_child("kryoptic", "token"),
+    }
     result = {
         "raw_ops_s": round(raw["seal"], 1),
         "raw": {name: round(rate, 1) for name, rate in raw.items()},
         "duration_s_per_case": DURATION,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "cases": cases,
+        "implementations": implementations,
         "notes": NOTES,
         **unwrap_cases(),
     }
@@ -337,6 +408,12 @@ def main() -> int:
             f"{name:34} {case['ops_s']:>10,.0f} {case['p50_ms']:>8.2f} "
             f"{case['p99_ms']:>8.2f} {case['ratio_to_raw']:>6.2f}"
         )
+    for impl, data in implementations.items():
+        if "error" in data:
+            print(f"{impl}: failed: {data['error'][-300:]}")
+            continue
+        ratios = ", ".join(f"{k} {v:.2f}" for k, v in data["ratio_to_raw"].items())
+        print(f"{impl}: raw seal {data['raw']['seal']:,.0f}/s; x raw: {ratios}")
     print(f"wrote {RESULTS}")
     return 0
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from kustody.dev.controlplane import Cluster
-from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
+from kustody.dev.tokens import DevToken
 from kustody.hsm.client import Binding, HsmClient
 from kustody_helpers import eventually, get, isolated_plane, policy, ready
 
@@ -87,7 +87,7 @@ def _deks(socket: Path, secrets: list[dict[str, object]]) -> dict[str, bytes]:
     return asyncio.run(run())
 
 
-def _token_objects(token: SoftHSMToken, ring: str) -> dict[str, int]:
+def _token_objects(token: DevToken, ring: str) -> dict[str, int]:
     """Count KEK objects per label straight from the token (not through the sidecar)."""
     script = (
         "import collections, json, sys, pkcs11\n"
@@ -165,7 +165,7 @@ def _diagnose(plane: Cluster, operator: Operator) -> str:
 
 def test_rotation_survives_ten_sigkills(
     plane: Cluster,
-    make_softhsm_token: Callable[[str], SoftHSMToken],
+    make_softhsm_token: Callable[[str], DevToken],
     tmp_path: Path,
 ) -> None:
     token = make_softhsm_token("crash")

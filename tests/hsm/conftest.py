@@ -1,8 +1,11 @@
-"""Fixtures for tests against a real SoftHSM2 token.
+"""Fixtures for tests against a real token: SoftHSM2, or Kryoptic with
+``KUSTODY_TEST_TOKEN=kryoptic`` (``make test`` runs this layer on both; see kustody.dev.tokens).
 
-The in-process fixtures share one token per test session: SoftHSM2 reads SOFTHSM2_CONF once,
-when the library is initialised. Tests that need their own token (wrong PIN, token gone) run
-the sidecar as a subprocess with its own environment.
+The in-process fixtures share one token per test session: SoftHSM2 reads SOFTHSM2_CONF (and
+Kryoptic KRYOPTIC_CONF) once, when the library is initialised. Tests that need their own token
+(wrong PIN, token gone) run the sidecar as a subprocess with its own environment.
+``KUSTODY_HSM_GCM_IV=token`` runs the in-process sidecars (and, through the environment, the
+subprocess ones) with token-generated GCM IVs only (the FIPS-style profile).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.tokens import DevToken, create_token
 from kustody.hsm.connection import HsmConnection
 from kustody.hsm.keyservice import KeyService
 from kustody.hsm.server import Sidecar, SidecarConfig
@@ -32,15 +35,20 @@ _rings = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def hsm_token(tmp_path_factory: pytest.TempPathFactory) -> SoftHSMToken:
-    token = create_token(tmp_path_factory.mktemp("softhsm"), "kustody-test")
+def hsm_token(tmp_path_factory: pytest.TempPathFactory) -> DevToken:
+    token = create_token(tmp_path_factory.mktemp("token"), "kustody-test")
     os.environ.update(token.env)
     return token
 
 
 @pytest.fixture(scope="session")
-def token_config(hsm_token: SoftHSMToken) -> TokenConfig:
-    return TokenConfig(hsm_token.module, hsm_token.label, hsm_token.pin_file)
+def token_config(hsm_token: DevToken) -> TokenConfig:
+    return TokenConfig(
+        hsm_token.module,
+        hsm_token.label,
+        hsm_token.pin_file,
+        gcm_iv=os.environ.get("KUSTODY_HSM_GCM_IV", "auto"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +121,7 @@ class SidecarProcess:
 
 def start_process(
     directory: Path,
-    token: SoftHSMToken,
+    token: DevToken,
     *args: str,
     pin_file: Path | None = None,
     preexec_fn: Callable[[], None] | None = None,

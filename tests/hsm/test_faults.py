@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
 from kustody.hsm.client import GenerateItem, HsmClient
@@ -25,7 +25,7 @@ BINDING = Binding("shop", "db-key", {"app": "db"})
 
 
 @pytest.fixture
-def own_token(tmp_path: Path) -> SoftHSMToken:
+def own_token(tmp_path: Path) -> DevToken:
     return create_token(tmp_path / "token", "fault-test")
 
 
@@ -44,7 +44,7 @@ async def _reason(coro: Awaitable[object]) -> Reason:
 
 
 def test_wrong_pin_is_reported_and_fixed_by_changing_the_pin_file(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     pin_file = tmp_path / "wrong.pin"
     pin_file.write_text("not-the-pin\n")
@@ -81,7 +81,7 @@ def test_wrong_pin_is_reported_and_fixed_by_changing_the_pin_file(
     ],
 )
 def test_missing_module_or_token(
-    tmp_path: Path, own_token: SoftHSMToken, args: tuple[str, ...], reason: str
+    tmp_path: Path, own_token: DevToken, args: tuple[str, ...], reason: str
 ) -> None:
     proc = start_process(tmp_path, own_token, *args)
 
@@ -99,7 +99,7 @@ def test_missing_module_or_token(
         proc.stop()
 
 
-def test_token_gone_mid_run_and_back(tmp_path: Path, own_token: SoftHSMToken) -> None:
+def test_token_gone_mid_run_and_back(tmp_path: Path, own_token: DevToken) -> None:
     proc = start_process(tmp_path, own_token)
     token_dir = next((own_token.directory / "tokens").iterdir())
     parked = tmp_path / "parked"
@@ -132,7 +132,7 @@ def test_token_gone_mid_run_and_back(tmp_path: Path, own_token: SoftHSMToken) ->
         proc.stop()
 
 
-def test_logs_of_a_full_run_hold_no_dek_or_pin(tmp_path: Path, own_token: SoftHSMToken) -> None:
+def test_logs_of_a_full_run_hold_no_dek_or_pin(tmp_path: Path, own_token: DevToken) -> None:
     proc = start_process(tmp_path, own_token)
     secrets: list[bytes] = []
 
@@ -182,7 +182,7 @@ def test_logs_of_a_full_run_hold_no_dek_or_pin(tmp_path: Path, own_token: SoftHS
 
 
 def test_request_faults_are_typed_and_the_process_keeps_serving(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     """Wrong AAD, unknown and destroyed versions, oversized requests, per-item batch errors:
     against the real process, each is typed; Health stays SERVING (the fault is the

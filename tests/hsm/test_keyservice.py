@@ -9,7 +9,7 @@ from typing import Any
 
 import pkcs11
 import pytest
-from kustody.dev.softhsm import SoftHSMToken
+from kustody.dev.tokens import DevToken
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.keyversion import KeyVersionRef, VersionState
@@ -33,7 +33,7 @@ BINDING = Binding("team-a", "db-key", {"app": "db", "tier": "prod"})
 _lib: list[Any] = []
 
 
-def _key_objects(token: SoftHSMToken, ref: KeyVersionRef) -> list[dict[str, object]]:
+def _key_objects(token: DevToken, ref: KeyVersionRef) -> list[dict[str, object]]:
     """The token's objects for ``ref``, read by this (test) process in its own session.
 
     The sidecar's worker process owns the token; reading from a second process is fine.
@@ -66,7 +66,7 @@ def _expect(reason: Reason, coro: object) -> HsmError:
 
 
 def test_create_is_idempotent_and_key_is_locked_down(
-    key_service: KeyService, hsm_token: SoftHSMToken, ring: str
+    key_service: KeyService, hsm_token: DevToken, ring: str
 ) -> None:
     first = run(key_service.create_key_version(ring, 1))
     again = run(key_service.create_key_version(ring, 1))
@@ -86,7 +86,7 @@ def test_create_is_idempotent_and_key_is_locked_down(
 
 
 def test_create_after_restart_finds_existing_object(
-    key_service: KeyService, connection: HsmConnection, hsm_token: SoftHSMToken, ring: str
+    key_service: KeyService, connection: HsmConnection, hsm_token: DevToken, ring: str
 ) -> None:
     created = run(key_service.create_key_version(ring, 1))
     # Forget the cache as a crash would: a fresh scan must find the same object.
@@ -170,7 +170,7 @@ def test_primary_is_highest_enabled_and_rewrap_moves_versions(
 
 
 def test_disabled_version_refuses_and_destroy_needs_disabled(
-    key_service: KeyService, connection: HsmConnection, hsm_token: SoftHSMToken, ring: str
+    key_service: KeyService, connection: HsmConnection, hsm_token: DevToken, ring: str
 ) -> None:
     run(key_service.create_key_version(ring, 1))
     generated = run(key_service.generate_data_key(GenerateRequest(ring, BINDING)))
@@ -245,7 +245,7 @@ def test_batch_reports_per_item_errors(key_service: KeyService, ring: str) -> No
 
 
 def test_pkcs11_runs_only_in_the_worker_process(
-    connection: HsmConnection, hsm_token: SoftHSMToken
+    connection: HsmConnection, hsm_token: DevToken
 ) -> None:
     """The token session lives in the worker process; this process is not its PKCS#11 thread."""
     pid = connection.worker_pid
@@ -258,7 +258,7 @@ def test_pkcs11_runs_only_in_the_worker_process(
         thread.assert_on_thread()
 
 
-def test_token_fixture_keeps_pin_out_of_repr(hsm_token: SoftHSMToken) -> None:
+def test_token_fixture_keeps_pin_out_of_repr(hsm_token: DevToken) -> None:
     assert hsm_token.pin_file.read_text() not in repr(hsm_token)
 
 

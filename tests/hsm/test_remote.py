@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kustody.dev.pki import ControlPlanePKI, create_pki
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
 from kustody.hsm.audit import AUDIT_LOGGER
@@ -41,7 +41,7 @@ STRANGER = "spiffe://corp.example/someone-else"  # chains to the CA, not in the 
 
 
 @pytest.fixture
-def own_token(tmp_path: Path) -> SoftHSMToken:
+def own_token(tmp_path: Path) -> DevToken:
     return create_token(tmp_path / "token", "remote-test")
 
 
@@ -101,9 +101,7 @@ def _free_port() -> int:
         return port
 
 
-def _remote(
-    directory: Path, token: SoftHSMToken, pki: Pki, *args: str
-) -> tuple[SidecarProcess, str]:
+def _remote(directory: Path, token: DevToken, pki: Pki, *args: str) -> tuple[SidecarProcess, str]:
     port = _free_port()
     proc = start_process(
         directory,
@@ -135,9 +133,7 @@ def _audit(log: str) -> list[dict[str, Any]]:
     return [json.loads(line.split(marker, 1)[1]) for line in log.splitlines() if marker in line]
 
 
-def test_listen_without_an_allow_list_refuses_to_start(
-    tmp_path: Path, own_token: SoftHSMToken
-) -> None:
+def test_listen_without_an_allow_list_refuses_to_start(tmp_path: Path, own_token: DevToken) -> None:
     pki = Pki(tmp_path)
     result = subprocess.run(
         [
@@ -156,7 +152,7 @@ def test_listen_without_an_allow_list_refuses_to_start(
 
 
 def test_remote_callers_get_only_what_their_certificate_role_allows(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     """A certificate that chains to the client CA is not enough: its SAN identity must be in
     the allow-list, and its role must include the RPC. Every outcome is audited."""
@@ -236,7 +232,7 @@ def test_remote_callers_get_only_what_their_certificate_role_allows(
 
 
 def test_plaintext_export_is_only_available_on_the_unix_socket(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     """Over TCP even the operator role, asserting that the KeyRing allows export, gets no
     plaintext: the flag is a caller's assertion, so it is honoured only on the pod-local
@@ -284,7 +280,7 @@ def test_plaintext_export_is_only_available_on_the_unix_socket(
 
 
 def test_destruction_keeps_its_waiting_period_in_the_token(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     """An operator-role certificate cannot destroy at once: DestroyVersion needs the version
     DESTROY_SCHEDULED (recorded in the token, surviving restarts) for the minimum waiting

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope, header_for
 from kustody.domain.keyversion import KeyVersionRef, VersionState
@@ -31,11 +31,11 @@ COTENANT = Path(__file__).with_name("cotenant.py")
 
 
 @pytest.fixture
-def own_token(tmp_path: Path) -> SoftHSMToken:
+def own_token(tmp_path: Path) -> DevToken:
     return create_token(tmp_path / "token", "cotenant-test")
 
 
-def _cotenant(token: SoftHSMToken, action: str, ref: KeyVersionRef) -> str:
+def _cotenant(token: DevToken, action: str, ref: KeyVersionRef) -> str:
     """Run ``cotenant.py`` as another user of the partition (same token, same user PIN)."""
     result = subprocess.run(
         [
@@ -62,7 +62,7 @@ def _forged_envelope(ref: KeyVersionRef) -> str:
 
 
 def test_planted_keys_are_never_adopted_described_or_used(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     v1, v2 = KeyVersionRef("pay", 1), KeyVersionRef("pay", 2)
     planted = {

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.hsm import wire
 from kustody.hsm.client import GenerateItem, HsmClient
@@ -32,7 +32,7 @@ BINDING = Binding("shop", "db-key", {"app": "db"})
 
 
 @pytest.fixture
-def own_token(tmp_path: Path) -> SoftHSMToken:
+def own_token(tmp_path: Path) -> DevToken:
     return create_token(tmp_path / "token", "worker-test")
 
 
@@ -86,7 +86,7 @@ def _wait_gone(pid: int, within: float = 10) -> None:
 
 
 def test_only_the_worker_loads_the_module_and_it_gets_the_pin_path_not_the_pin(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     proc = start_process(tmp_path, own_token)
     try:
@@ -104,7 +104,7 @@ def test_only_the_worker_loads_the_module_and_it_gets_the_pin_path_not_the_pin(
 
 
 def test_worker_crash_is_reported_fails_fast_and_is_repaired(
-    tmp_path: Path, own_token: SoftHSMToken
+    tmp_path: Path, own_token: DevToken
 ) -> None:
     proc = start_process(tmp_path, own_token)
 
@@ -153,7 +153,7 @@ def test_worker_crash_is_reported_fails_fast_and_is_repaired(
     assert _state(killed) is None  # reaped by the sidecar, not left a zombie
 
 
-def test_health_names_the_dead_worker(tmp_path: Path, own_token: SoftHSMToken) -> None:
+def test_health_names_the_dead_worker(tmp_path: Path, own_token: DevToken) -> None:
     proc = start_process(tmp_path, own_token)
 
     async def main() -> None:
@@ -182,7 +182,7 @@ def test_health_names_the_dead_worker(tmp_path: Path, own_token: SoftHSMToken) -
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_no_orphan_worker_after_the_sidecar_exits(
-    tmp_path: Path, own_token: SoftHSMToken, sig: signal.Signals
+    tmp_path: Path, own_token: DevToken, sig: signal.Signals
 ) -> None:
     proc = start_process(tmp_path, own_token)
     try:
@@ -222,7 +222,7 @@ def _allow_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
-def test_the_worker_writes_no_core_dumps(tmp_path: Path, own_token: SoftHSMToken) -> None:
+def test_the_worker_writes_no_core_dumps(tmp_path: Path, own_token: DevToken) -> None:
     """Even when the sidecar is started with core dumps allowed, its worker has none."""
     proc = start_process(tmp_path, own_token, preexec_fn=_allow_core_dumps)
     try:
@@ -259,7 +259,7 @@ def _can_open_memory(pid: int) -> bool:
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
-def test_the_worker_is_not_dumpable(tmp_path: Path, own_token: SoftHSMToken) -> None:
+def test_the_worker_is_not_dumpable(tmp_path: Path, own_token: DevToken) -> None:
     """The sidecar and a would-be reader run with the same uid and the same capabilities
     (no CAP_SYS_PTRACE): the reader may open the front end's memory but not the worker's,
     which set PR_SET_DUMPABLE 0."""
@@ -310,7 +310,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def test_the_worker_answers_an_oversized_frame_with_a_typed_error_and_stops(
-    own_token: SoftHSMToken,
+    own_token: DevToken,
 ) -> None:
     """A header announcing more than MAX_BODY_BYTES: the worker does not try to read it (no
     hang, no 4 GiB buffer) but answers that request REQUEST_TOO_LARGE and exits."""

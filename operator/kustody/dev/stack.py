@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kustody.dev.controlplane import Cluster
 from kustody.dev.processes import ManagedProcess, terminate
-from kustody.dev.softhsm import SoftHSMToken
+from kustody.dev.tokens import DevToken
 from kustody.errors import UserError
 
 
@@ -49,7 +49,7 @@ class Sidecar:
     """``kustody hsm`` serving a SoftHSM2 (or any PKCS#11) token on a unix socket."""
 
     state_dir: Path
-    token: SoftHSMToken
+    token: DevToken
     name: str = "hsm"
     kms_keyring: str | None = None
     metrics_port: int | None = None

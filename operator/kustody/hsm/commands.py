@@ -1,9 +1,10 @@
-"""``kustody hsm``: run the HSM sidecar."""
+"""``kustody hsm``: run the HSM sidecar; ``kustody hsm probe``: check a module and token."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -12,8 +13,10 @@ from pathlib import Path
 from kustody.domain.duration import parse_duration
 from kustody.domain.errors import InvalidArgument
 from kustody.errors import UserError
+from kustody.hsm import capabilities
 from kustody.hsm.access import ClientRoles
-from kustody.hsm.pin import PIN_FILE_ENV, pin_file_from
+from kustody.hsm.errors import HsmError
+from kustody.hsm.pin import PIN_FILE_ENV, pin_file_from, read_pin
 from kustody.hsm.server import Sidecar, SidecarConfig, TlsConfig, settle_heap
 from kustody.hsm.token import TokenConfig
 
@@ -48,6 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help=f"file holding the user PIN (default: the file named by ${PIN_FILE_ENV})",
     )
+    _gcm_iv_argument(token)
     serve = parser.add_argument_group("key service")
     serve.add_argument(
         "--socket",
@@ -98,6 +102,60 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     ops.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
+    commands = parser.add_subparsers(dest="hsm_command", metavar="{probe}")
+    probe = commands.add_parser(
+        "probe",
+        help="check a PKCS#11 module and token: what Kustody would use there, and whether it can",
+        description=(
+            "Load the module, log in to the token, probe what Kustody needs (mechanisms, "
+            "AES-GCM with caller or token IVs, disabling keys, key check values, data objects; "
+            "on a scratch session key) and print the profile the sidecar would choose. Exits 0 "
+            "when Kustody can run there, 1 when it cannot."
+        ),
+        allow_abbrev=False,
+    )
+    probe.add_argument("--module", default=env("KUSTODY_HSM_MODULE", DEFAULT_MODULE))
+    probe.add_argument("--token-label", default=env("KUSTODY_HSM_TOKEN_LABEL", "kustody"))
+    probe.add_argument("--pin-file", metavar="PATH", help=f"user PIN file (or ${PIN_FILE_ENV})")
+    _gcm_iv_argument(probe)
+    probe.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    probe.set_defaults(func=run_probe)
+
+
+def _gcm_iv_argument(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--gcm-iv",
+        choices=[p.value for p in capabilities.IvPolicy],
+        default=os.environ.get("KUSTODY_HSM_GCM_IV", "auto"),
+        help=(
+            "where AES-GCM IVs come from: auto (caller IVs from the token RNG where the token "
+            "takes them, else token-generated) or token (token-generated only, as FIPS-mode "
+            "HSMs require; refuse to serve without) ($KUSTODY_HSM_GCM_IV; default: %(default)s)"
+        ),
+    )
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """``kustody hsm probe``: the compatibility report; exit 1 when Kustody cannot run there."""
+    policy = capabilities.IvPolicy(args.gcm_iv)
+    pin_file = pin_file_from(args.pin_file)
+    report: capabilities.Report
+    if pin_file is None:
+        report = capabilities.Report(module=args.module, policy=str(policy))
+        report.verdict = f"NOT USABLE: no PIN file: pass --pin-file PATH or set ${PIN_FILE_ENV}"
+    else:
+        try:
+            pin = read_pin(pin_file)
+        except HsmError as exc:
+            report = capabilities.Report(module=args.module, policy=str(policy))
+            report.verdict = f"NOT USABLE: {exc.message}"
+        else:
+            report = capabilities.open_and_probe(args.module, args.token_label, pin, policy)
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(capabilities.format_text(report))
+    return 0 if report.ok else 1
 
 
 def config_from(args: argparse.Namespace) -> SidecarConfig:
@@ -129,7 +187,7 @@ def config_from(args: argparse.Namespace) -> SidecarConfig:
         raise UserError(f"no PIN file: pass --pin-file PATH or set ${PIN_FILE_ENV}")
     tls = TlsConfig(*tls_parts) if args.listen else None
     return SidecarConfig(
-        token=TokenConfig(Path(args.module), args.token_label, pin_file),
+        token=TokenConfig(Path(args.module), args.token_label, pin_file, gcm_iv=args.gcm_iv),
         socket=Path(args.socket) if args.socket else None,
         listen=args.listen,
         tls=tls,

@@ -323,7 +323,7 @@ class HsmConnection:
             "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
             "--module", str(config.module), "--label", config.label,
             "--retry-interval", str(self.retry_interval),
-            "--min-destroy-delay", str(self.min_destroy_delay),
+            "--min-destroy-delay", str(self.min_destroy_delay), "--gcm-iv", config.gcm_iv,
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         ]  # fmt: skip
         if config.pin_file is not None:

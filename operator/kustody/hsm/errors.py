@@ -39,6 +39,9 @@ class Reason(enum.StrEnum):
     PIN_FILE_UNREADABLE = "PIN_FILE_UNREADABLE"
     TOKEN_LOST = "TOKEN_LOST"  # noqa: S105 (a reason, not a secret)
     WORKER_LOST = "WORKER_LOST"  # the PKCS#11 worker process died; it is being restarted
+    # The token answers but lacks what Kustody needs (the capability probe says what), or the
+    # --gcm-iv policy asks for what it cannot do; see `kustody hsm probe`.
+    TOKEN_INCOMPATIBLE = "TOKEN_INCOMPATIBLE"  # noqa: S105 (a reason, not a secret)
     INTERNAL = "INTERNAL"
 
 

@@ -36,6 +36,7 @@ CODES: dict[Reason, grpc.StatusCode] = {
     Reason.PIN_FILE_UNREADABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.TOKEN_LOST: grpc.StatusCode.UNAVAILABLE,
     Reason.WORKER_LOST: grpc.StatusCode.UNAVAILABLE,
+    Reason.TOKEN_INCOMPATIBLE: grpc.StatusCode.UNAVAILABLE,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -46,6 +46,9 @@ class TokenConfig:
     module: Path
     label: str
     pin_file: Path | None
+    # Where AES-GCM IVs may come from: "auto" (caller IVs where the token takes them) or
+    # "token" (only token-generated IVs, a FIPS-style deployment); see capabilities.py.
+    gcm_iv: str = "auto"
 
 
 def classify(exc: BaseException) -> Reason:
@@ -84,10 +87,14 @@ def _load(module: Path, reinitialize: bool) -> Any:
 class TokenSession:
     """One read-write session, logged in as the user."""
 
-    def __init__(self, config: TokenConfig, session: Any, slot: Any) -> None:
+    def __init__(
+        self, config: TokenConfig, session: Any, slot: Any, lib: Any = None, token: Any = None
+    ) -> None:
         self.config = config
         self.session = session
         self._slot = slot
+        self.lib = lib  # for the capability probe (library and token info)
+        self.token = token
 
     @classmethod
     def open(cls, config: TokenConfig, pin: Pin, *, reinitialize: bool) -> TokenSession:
@@ -123,7 +130,7 @@ class TokenSession:
                 Reason.TOKEN_UNAVAILABLE,
                 f"opening a session on {config.label!r} failed ({type(exc).__name__})",
             ) from None
-        return cls(config, session, token.slot)
+        return cls(config, session, token.slot, lib, token)
 
     def probe(self) -> None:
         """Raise :class:`TokenLost` unless the token still answers for this session."""

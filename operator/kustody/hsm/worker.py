@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kustody.domain.aad import KmsBinding
-from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, NONCE_BYTES, header_for
+from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, header_for
 from kustody.domain.errors import DomainError
 from kustody.domain.keyversion import (
     DEFAULT_MIN_DESTROY_DELAY_SECONDS,
@@ -42,7 +42,7 @@ from kustody.domain.keyversion import (
     VersionInfo,
     VersionState,
 )
-from kustody.hsm import thread, wire
+from kustody.hsm import capabilities, thread, wire
 from kustody.hsm.errors import HsmError, Reason, from_domain
 from kustody.hsm.kekstore import KekStore
 from kustody.hsm.pin import read_pin
@@ -140,7 +140,8 @@ class Token:
                 return
             token = TokenSession.open(self.config, pin, reinitialize=self._lost)
             try:
-                store = KekStore(token, min_destroy_delay=self.min_destroy_delay)
+                profile = self._profile(token)
+                store = KekStore(token, min_destroy_delay=self.min_destroy_delay, profile=profile)
             except (TokenLost, HsmError):
                 token.close()
                 raise
@@ -154,7 +155,28 @@ class Token:
             self._set(Health(False, Reason.TOKEN_LOST, f"the token stopped answering ({exc})"))
             return
         self._token, self.store, self._rejected_pin = token, store, None
-        self._set(Health(True, None, f"token {self.config.label!r} is logged in"))
+        self._set(Health(True, None, f"token {self.config.label!r} is logged in ({profile})"))
+
+    def _profile(self, token: TokenSession) -> capabilities.Profile:
+        """Probe what the token can do and pick the profile (TOKEN_INCOMPATIBLE if none)."""
+        try:
+            policy = capabilities.IvPolicy(self.config.gcm_iv)
+        except ValueError:
+            raise HsmError(
+                Reason.INVALID_ARGUMENT,
+                f"--gcm-iv must be auto or token, not {self.config.gcm_iv!r}",
+            ) from None
+        report = capabilities.probe(
+            token.lib, token.token, token.session, str(self.config.module), policy
+        )
+        if report.profile is None:
+            token.probe()  # a token that vanished mid-probe is TOKEN_LOST, not incompatible
+            raise HsmError(
+                Reason.TOKEN_INCOMPATIBLE,
+                f"{report.verdict} (`kustody hsm probe` prints the whole report)",
+            )
+        log.info("token %r: capability profile %s", self.config.label, report.profile)
+        return report.profile
 
     def _lose(self, why: str) -> None:
         self.close()
@@ -215,17 +237,18 @@ def _generate(store: KekStore, items: list[tuple[str, int | None, int, bool, byt
         if not MIN_DEK_BYTES <= item[2] <= MAX_DEK_BYTES:
             raise HsmError(Reason.INVALID_ARGUMENT, f"data key length {item[2]} is out of range")
     keys = _Keys(store)
-    rnd = store.random(sum(NONCE_BYTES + item[2] for item in items)) if items else b""
+    nb = store.nonce_bytes  # 0 when the token generates the IVs itself
+    rnd = store.random(sum(nb + item[2] for item in items)) if items else b""
     encrypt = store.encrypt
     results: list[Any] = []
     offset = 0
     for ring, version, length, with_plaintext, binding in items:
-        end = offset + NONCE_BYTES + length
-        nonce, dek = rnd[offset : offset + NONCE_BYTES], rnd[offset + NONCE_BYTES : end]
+        end = offset + nb + length
+        nonce, dek = rnd[offset : offset + nb], rnd[offset + nb : end]
         offset = end
         try:
             ref, key, header = keys.get(ring, version)
-            sealed = encrypt(key, ref, dek, nonce, header + binding)
+            nonce, sealed = encrypt(key, ref, dek, nonce, header + binding)
             results.append((ref.version, nonce, sealed, dek if with_plaintext else None))
         except (HsmError, DomainError) as exc:
             results.append(_error(exc))
@@ -237,17 +260,18 @@ def _rewrap(
 ) -> list[Any]:
     """Unseal + reseal per item; one C_GenerateRandom for all the new nonces."""
     keys = _Keys(store)
-    rnd = store.random(NONCE_BYTES * len(items)) if items else b""
+    nb = store.nonce_bytes  # 0 when the token generates the IVs itself
+    rnd = store.random(nb * len(items)) if items and nb else b""
     results: list[Any] = []
     for i, (ring, version, old_nonce, old_sealed, binding, to_version) in enumerate(items):
-        nonce = rnd[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
+        nonce = rnd[i * nb : (i + 1) * nb]
         try:
             from_ref, from_key, from_header = keys.get(ring, version)
             plaintext = store.decrypt(
                 from_key, from_ref, old_nonce, old_sealed, from_header + binding
             )
             ref, key, header = keys.get(ring, to_version)
-            sealed = store.encrypt(key, ref, plaintext, nonce, header + binding)
+            nonce, sealed = store.encrypt(key, ref, plaintext, nonce, header + binding)
             results.append((ref.version, nonce, sealed))
         except (HsmError, DomainError) as exc:
             results.append(_error(exc))
@@ -412,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-destroy-delay", type=float, default=DEFAULT_MIN_DESTROY_DELAY_SECONDS
     )
+    parser.add_argument(
+        "--gcm-iv", default="auto", choices=[p.value for p in capabilities.IvPolicy]
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     try:
@@ -428,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = socket.socket(fileno=args.fd)
     token = Token(
-        TokenConfig(args.module, args.label, args.pin_file),
+        TokenConfig(args.module, args.label, args.pin_file, gcm_iv=args.gcm_iv),
         retry_interval=args.retry_interval,
         min_destroy_delay=args.min_destroy_delay,
     )

@@ -7,8 +7,9 @@ to any test suite:
     a session-wide :class:`kustody.dev.controlplane.Cluster` (etcd, kube-apiserver,
     kube-controller-manager) in a temporary directory; the binaries are built on first use.
 ``softhsm_token``
-    a session-wide fresh :class:`kustody.dev.softhsm.SoftHSMToken`; ``make_softhsm_token``
-    makes more.
+    a session-wide fresh token; ``make_softhsm_token`` makes more. SoftHSM2 by default; the
+    implementation named by ``$KUSTODY_TEST_TOKEN`` (``softhsm2`` or ``kryoptic``, see
+    :mod:`kustody.dev.tokens`) otherwise, so a suite runs unchanged on either.
 ``kube_namespace``
     a fresh namespace per test, deleted afterwards.
 ``kustody_crds``
@@ -30,8 +31,9 @@ import pytest
 
 from kustody.dev import binaries
 from kustody.dev.controlplane import Cluster, ControlPlane
-from kustody.dev.softhsm import SoftHSMToken, create_token
+from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
+from kustody.dev.tokens import DevToken, create_token, selected_kind
 from kustody.errors import UserError
 
 
@@ -77,21 +79,23 @@ def kube_namespace(kube: Cluster) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def make_softhsm_token(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Callable[[str], SoftHSMToken]:
-    """Factory: ``make_softhsm_token(label)`` creates a fresh token in its own directory."""
+) -> Callable[[str], DevToken]:
+    """Factory: ``make_softhsm_token(label)`` creates a fresh token in its own directory (of
+    the implementation ``$KUSTODY_TEST_TOKEN`` names; SoftHSM2 by default)."""
 
-    def make(label: str = "kustody") -> SoftHSMToken:
+    def make(label: str = "kustody") -> DevToken:
         try:
-            return create_token(tmp_path_factory.mktemp("softhsm"), label)
+            kind = selected_kind()
+            return create_token(tmp_path_factory.mktemp(kind), label, kind=kind)
         except UserError as exc:
-            pytest.fail(f"could not create a SoftHSM2 token: {exc}", pytrace=False)
+            pytest.fail(f"could not create a test token: {exc}", pytrace=False)
 
     return make
 
 
 @pytest.fixture(scope="session")
-def softhsm_token(make_softhsm_token: Callable[[str], SoftHSMToken]) -> SoftHSMToken:
-    """A fresh SoftHSM2 token for the whole session."""
+def softhsm_token(make_softhsm_token: Callable[[str], DevToken]) -> DevToken:
+    """A fresh token (SoftHSM2 unless ``$KUSTODY_TEST_TOKEN`` says otherwise) for the session."""
     return make_softhsm_token("kustody")
 
 
@@ -99,7 +103,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-__all__ = ["Cluster", "Path", "SoftHSMToken"]
+__all__ = ["Cluster", "DevToken", "Path", "SoftHSMToken"]
 
 
 def crds_dir() -> Path:
@@ -121,7 +125,7 @@ def kustody_crds(kube: Cluster) -> Path:
 
 @pytest.fixture(scope="session")
 def hsm_sidecar(
-    softhsm_token: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory
+    softhsm_token: DevToken, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Sidecar]:
     """The HSM sidecar serving the session's SoftHSM2 token on a unix socket."""
     # No waiting period between SetVersionState(DESTROY_SCHEDULED) and DestroyVersion: the
