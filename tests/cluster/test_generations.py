@@ -14,7 +14,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import jsonschema
 import pytest
+from kustody.cli import output
 from kustody.client.keyset import Keyset
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Sidecar
@@ -77,10 +79,11 @@ def _generations(kube: Cluster, name: str, ns: str) -> list[dict[str, Any]]:
 
 
 def _regenerate(kube: Cluster, name: str, ns: str, stamp: str) -> None:
-    kube.kubectl(
-        "-n", ns, "annotate", "--overwrite", "datakey", name,
-        f"kustody.io/regenerate-requested-at={stamp}",
-    )  # fmt: skip
+    """``kustody datakey regenerate`` (its stamp is the time; the tests' differ by name)."""
+    del stamp
+    result = kustody_cli(kube, "datakey", "regenerate", f"{ns}/{name}")
+    assert result.returncode == 0, result.stderr
+    assert "regeneration of DataKey" in result.stdout
 
 
 def test_data_under_generation_one_survives_regeneration_and_rotation(
@@ -195,13 +198,23 @@ def test_staged_removal_is_visible_cancellable_and_happens_on_time(
     assert [g["state"] for g in scheduled[1:]] == ["DecryptOnly", "Primary"]
     assert "GenerationRemovalScheduled" in event_reasons(kube, ns, "trim")
 
-    # Cancelled with the CLI's annotation: back to DecryptOnly, stays.
-    kube.kubectl("-n", ns, "annotate", "datakey", "trim", "kustody.io/keep-generations=1")
+    listed = kustody_cli(kube, "datakey", "generations", f"{ns}/trim", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    report = json.loads(listed.stdout)
+    jsonschema.validate(report, output.schema("GenerationsReport"))
+    assert [g["state"] for g in report["generations"]] == [
+        "RemovalScheduled", "DecryptOnly", "Primary",
+    ]  # fmt: skip
+    assert report["generations"][0]["removeAt"] == scheduled[0]["removeAt"]
+
+    # Cancelled with the CLI: back to DecryptOnly, stays.
+    kept = kustody_cli(kube, "datakey", "keep", f"{ns}/trim", "1")
+    assert kept.returncode == 0, kept.stderr
     eventually(lambda: _generations(kube, "trim", ns)[0]["state"] == "DecryptOnly", 30, "cancel")
     assert "GenerationRemovalCancelled" in event_reasons(kube, ns, "trim")
 
     # Without the keep, it is scheduled again; when removeAt has come, it is removed.
-    kube.kubectl("-n", ns, "annotate", "datakey", "trim", "kustody.io/keep-generations-")
+    assert kustody_cli(kube, "datakey", "unkeep", f"{ns}/trim", "1").returncode == 0
     again = eventually(
         lambda: (g := _generations(kube, "trim", ns)) and g[0]["state"] == "RemovalScheduled" and g,
         30,

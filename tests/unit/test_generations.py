@@ -185,3 +185,22 @@ def test_generations_by_state_are_a_metric() -> None:
     assert 'kustody_dek_generations_in_keysets{state="Primary"} 2.0' in text
     assert 'kustody_dek_generations_in_keysets{state="DecryptOnly"} 2.0' in text
     assert 'kustody_dek_generations_in_keysets{state="RemovalScheduled"} 0.0' in text
+
+
+def test_the_generations_report_follows_its_schema_and_shows_key_ids_in_hex() -> None:
+    import jsonschema
+    from kustody.cli import output
+    from kustody.cli.datakeys import _table, generations_report
+
+    kept = {"kustody.io/keep-generations": "1"}
+    datakey = {
+        "metadata": {"name": "a", "namespace": "n", "annotations": kept},
+        "status": {"generations": to_status(_keyset(2))},
+    }
+    report = generations_report(datakey)
+    jsonschema.validate(report, output.schema("GenerationsReport"))
+    assert report["kept"] == [1]
+    assert report["generations"][1]["keyId"] == f"{key_id_for('uid', 2):08x}"
+    table = _table(report, wide=True)
+    assert table.splitlines()[0].split()[:3] == ["GENERATION", "KEY", "ID"]
+    assert "Primary" in table.splitlines()[2]

@@ -31,7 +31,7 @@ def _version(_: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = "kustody") -> argparse.ArgumentParser:
-    from kustody.cli import actions, completion, doctor, status
+    from kustody.cli import actions, completion, datakeys, doctor, status
     from kustody.dev import commands as dev_commands
 
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
@@ -40,6 +40,7 @@ def build_parser(prog: str = "kustody") -> argparse.ArgumentParser:
     version.set_defaults(func=_version)
     status.register(sub)
     actions.register(sub)
+    datakeys.register(sub)
     doctor.register(sub)
     dev_commands.register(sub)
     _register_optional(sub)

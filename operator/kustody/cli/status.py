@@ -94,5 +94,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Print the JSON Schema (draft 2020-12) of a report that -o json or -o yaml "
         "writes, version kustody.io/cli/v1.",
     )
-    schema.add_argument("kind", choices=["StatusReport", "DoctorReport"], help="the report kind")
+    schema.add_argument(
+        "kind",
+        choices=["StatusReport", "DoctorReport", "GenerationsReport"],
+        help="the report kind",
+    )
     schema.set_defaults(func=_schema)
