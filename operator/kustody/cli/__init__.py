@@ -31,7 +31,7 @@ def _version(_: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = "kustody") -> argparse.ArgumentParser:
-    from kustody.cli import actions, completion, datakeys, doctor, status
+    from kustody.cli import actions, backup, completion, datakeys, doctor, status
     from kustody.dev import commands as dev_commands
 
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
@@ -42,6 +42,7 @@ def build_parser(prog: str = "kustody") -> argparse.ArgumentParser:
     actions.register(sub)
     datakeys.register(sub)
     doctor.register(sub)
+    backup.register(sub)
     dev_commands.register(sub)
     _register_optional(sub)
     completion.register(sub)

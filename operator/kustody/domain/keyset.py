@@ -33,11 +33,19 @@ class GenerationState(enum.StrEnum):
     REMOVAL_SCHEDULED = "RemovalScheduled"
 
 
-def key_id_for(uid: str, generation: int) -> int:
+def key_id_for(uid: str, generation: int, taken: Iterable[int] = ()) -> int:
     """A stable 32-bit key id: the same DataKey generation always gets the same id, and a
-    re-created DataKey (a new uid) gets different ones."""
-    digest = hashlib.sha256(f"{uid}/{generation}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+    re-created DataKey (a new uid) gets different ones. ``taken``: ids already in the keyset
+    (generations adopted from a backup keep the ids of the DataKey that made them), which a
+    new id must not repeat."""
+    used = set(taken)
+    attempt = 0
+    while True:
+        seed = f"{uid}/{generation}" if attempt == 0 else f"{uid}/{generation}/{attempt}"
+        key_id = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big")
+        if key_id not in used:
+            return key_id
+        attempt += 1
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,8 @@ def add_generation(
         else g
         for g in generations
     ]
-    new = Generation(number, key_id_for(uid, number), wrapped, version,
-                     GenerationState.PRIMARY, now)  # fmt: skip
+    key_id = key_id_for(uid, number, (g.key_id for g in generations))
+    new = Generation(number, key_id, wrapped, version, GenerationState.PRIMARY, now)
     return [*kept, new]
 
 
@@ -267,3 +275,54 @@ def wrapped_keyset_document(generations: Sequence[Generation]) -> str:
         sort_keys=True,
         separators=(",", ":"),
     )
+
+
+class KeysetDocumentError(ValueError):
+    """A Secret's keyset entry that is not a wrapped keyset Kustody wrote."""
+
+
+def parse_keyset_document(text: str | bytes, now: dt.datetime) -> list[Generation]:
+    """The generations a published keyset entry (:func:`wrapped_keyset_document`) holds, for
+    adoption by a re-created DataKey. Key ids, generation numbers and states are carried over
+    unchanged, so ciphertexts made before a rebuild name keys the keyset still has; the
+    times, which the document does not carry, become ``now`` (a retention period therefore
+    starts again at adoption: later, never earlier). Strict: anything unexpected is a
+    :class:`KeysetDocumentError`, and nothing is adopted."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise KeysetDocumentError("the keyset entry is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != KEYSET_FORMAT:
+        raise KeysetDocumentError(f"the keyset entry is not a {KEYSET_FORMAT} document")
+    keys = doc.get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise KeysetDocumentError("the keyset entry holds no keys")
+    out: list[Generation] = []
+    for entry in keys:
+        if not isinstance(entry, dict):
+            raise KeysetDocumentError("a keyset entry key is not an object")
+        try:
+            generation = entry["generation"]
+            key_id = entry["keyId"]
+            version = entry["keyRingVersion"]
+            wrapped = entry["wrappedKey"]
+            status = entry["status"]
+        except KeyError as exc:
+            raise KeysetDocumentError(f"a key of the keyset lacks {exc.args[0]}") from None
+        ints = (generation, key_id, version)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            raise KeysetDocumentError("generation, keyId and keyRingVersion must be integers")
+        if not (generation > 0 and 0 <= key_id < 2**32 and version > 0):
+            raise KeysetDocumentError("generation, keyId or keyRingVersion out of range")
+        if not isinstance(wrapped, str) or status not in ("Primary", "DecryptOnly"):
+            raise KeysetDocumentError("a key of the keyset has a bad wrappedKey or status")
+        state = GenerationState.PRIMARY if status == "Primary" else GenerationState.DECRYPT_ONLY
+        superseded = None if state is GenerationState.PRIMARY else now
+        out.append(Generation(generation, key_id, wrapped, version, state, now, superseded))
+    if len({g.generation for g in out}) != len(out) or len({g.key_id for g in out}) != len(out):
+        raise KeysetDocumentError("the keyset repeats a generation or a key id")
+    if sum(g.state is GenerationState.PRIMARY for g in out) != 1:
+        raise KeysetDocumentError("the keyset must have exactly one primary key")
+    if doc.get("primaryKeyId") != next(g.key_id for g in out if g.state is GenerationState.PRIMARY):
+        raise KeysetDocumentError("primaryKeyId does not name the primary key")
+    return sorted(out, key=lambda g: g.generation)

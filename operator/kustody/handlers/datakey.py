@@ -11,12 +11,15 @@ A rerun after a crash finds the status and finishes steps 2 and 3; it never gene
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kustody.domain import keyset
+from kustody.domain.backup import ANNOTATION_RESTORED
 from kustody.domain.conditions import Condition, merge
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError, InvalidSpec
@@ -41,7 +44,7 @@ from kustody.domain.specs import (
 )
 from kustody.domain.timestamps import format_time, parse_time
 from kustody.handlers.runtime import KEYRING, Runtime, trim_secret
-from kustody.hsm.client import Binding, GenerateItem, HsmError
+from kustody.hsm.client import Binding, GenerateItem, HsmError, Reason, ReWrapped
 from kustody.kube import workloads
 from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
 from kustody.kube.resources import DATAKEYS, SECRETS
@@ -234,24 +237,39 @@ async def _converge(
     now = rt.clock()
     binding = Binding(namespace, name, dict(spec.encryption_context))
 
-    secret = await _live_secret(rt, namespace, spec.secret_name, uid)
-    if secret is not None and not _owned_by(secret, uid):
-        await _set_not_ready(
-            rt,
-            obj,
-            "SecretConflict",
-            f"Secret {spec.secret_name} exists and is not owned by this DataKey; it is left "
-            "untouched (delete it or choose another spec.secretName)",
-        )
-        return None
-
     status: dict[str, Any] = dict(obj.get("status") or {})
     keys = _Keys(keyset.from_status(status, uid), status, meta.get("annotations") or {})
+    secret = await _live_secret(rt, namespace, spec.secret_name, uid)
+    found: list[keyset.Generation] | None = None
+    if secret is not None and not _owned_by(secret, uid):
+        found_or_why = _adoptable(secret, name, spec, now)
+        if isinstance(found_or_why, list) and keys.generations:
+            # Adopted before a crash (status written, Secret not yet owned): the same keys.
+            same = {g.key_id for g in keys.generations} >= {g.key_id for g in found_or_why}
+            found_or_why = found_or_why if same else "it holds other keys than this DataKey"
+        if isinstance(found_or_why, str):
+            await _set_not_ready(
+                rt,
+                obj,
+                "SecretConflict",
+                f"Secret {spec.secret_name} exists and is not owned by this DataKey "
+                f"({found_or_why}); it is left untouched (delete it or choose another "
+                "spec.secretName)",
+            )
+            return None
+        found = found_or_why
+
     for g in keys.generations:
         if problem := _envelope_problem(g.wrapped, spec.key_ring):
             await _set_not_ready(rt, obj, "EnvelopeMismatch", problem)
             return None
     try:
+        if found is not None and not keys.generations:
+            try:
+                await _adopt(rt, keys, spec, binding, primary, found, now)
+            except _NotReady as exc:
+                await _set_not_ready(rt, obj, exc.reason, exc.message)
+                return None
         await _generate_if_due(rt, keys, spec, binding, primary, uid, now)
         if _rewrap_allowed(rt, kr_spec, keyring, now, parse_time(status.get("lastRewrapAt"))):
             await _rewrap_generations(rt, keys, spec, binding, primary, now)
@@ -282,7 +300,7 @@ async def _converge(
 
     # 2. Then the Secret. A write the API server refuses makes the DataKey not Ready.
     try:
-        restored = await _publish(rt, obj, spec, secret, content)
+        restored = await _publish(rt, obj, spec, secret, content, adopt=found is not None)
     except (Conflict, Unavailable):
         raise  # looked at again shortly (a newer object is on its way, or the API is down)
     except KubeError as exc:
@@ -294,7 +312,7 @@ async def _converge(
             f"Secret {spec.secret_name} could not be written: {exc.message or exc.reason}",
         )
         raise
-    if restored:
+    if restored and found is None:
         await rt.events.warning(
             obj, "SecretRestored", f"Secret {spec.secret_name} was missing or edited; restored"
         )
@@ -320,6 +338,100 @@ async def _converge(
 
     due = [t for t in (next_removal, _regeneration_due(spec, status)) if t is not None]
     return max(1.0, (min(due) - now).total_seconds()) if due else None
+
+
+# Sidecar answers that mean "this wrapped key does not belong to this DataKey": nothing is
+# adopted. Any other failure (token unavailable, ...) is retried; no key is generated meanwhile.
+_NOT_ITS_KEY = frozenset(
+    {
+        Reason.AAD_MISMATCH,
+        Reason.MALFORMED_ENVELOPE,
+        Reason.VERSION_NOT_FOUND,
+        Reason.VERSION_DISABLED,
+        Reason.VERSION_DESTROYED,
+        Reason.KEY_NOT_TRUSTED,
+        Reason.INVALID_ARGUMENT,
+    }
+)
+
+
+def _adoptable(
+    secret: Mapping[str, Any], name: str, spec: DataKeySpec, now: dt.datetime
+) -> list[keyset.Generation] | str:
+    """The generations of a Secret a re-created DataKey may adopt (same namespace, name and
+    KeyRing: a Secret Kustody wrote for a DataKey of this name, restored from a backup or
+    left by a cluster rebuild), or why it may not. Nothing here is trusted yet: the sidecar
+    still has to show that every wrapped key opens under this DataKey's binding."""
+    meta = secret.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if (
+        labels.get(MANAGED_BY) != MANAGER
+        or labels.get(LABEL_DATAKEY) != name
+        or labels.get(LABEL_KEYRING) != spec.key_ring
+    ):
+        return (
+            f"not a Kustody Secret of DataKey {name} under KeyRing {spec.key_ring}: "
+            f"labels {MANAGED_BY}, {LABEL_DATAKEY} and {LABEL_KEYRING} do not match"
+        )
+    for ref in meta.get("ownerReferences") or ():
+        if ref.get("controller") and (ref.get("kind") != DATAKEYS.kind or ref.get("name") != name):
+            return f"it is controlled by {ref.get('kind')} {ref.get('name')}"
+    raw = (secret.get("data") or {}).get(spec.keys.keyset)
+    if not raw:
+        return f"it has no {spec.keys.keyset} entry to adopt"
+    try:
+        return keyset.parse_keyset_document(base64.b64decode(raw, validate=True), now)
+    except (ValueError, binascii.Error) as exc:
+        return f"its {spec.keys.keyset} entry cannot be adopted: {exc}"
+
+
+async def _adopt(
+    rt: Runtime,
+    keys: _Keys,
+    spec: DataKeySpec,
+    binding: Binding,
+    primary: int,
+    found: list[keyset.Generation],
+    now: dt.datetime,
+) -> None:
+    """Take over the generations of an existing Secret instead of generating a DEK, after the
+    sidecar has opened every one under this DataKey's binding (a ReWrap: it decrypts inside
+    the sidecar with the binding as AAD, so the key material never reaches the operator) and
+    wrapped it under the primary version. Key ids and generation numbers stay as recorded,
+    so ciphertexts made before the rebuild still name keys of the keyset."""
+    for g in found:
+        if problem := _envelope_problem(g.wrapped, spec.key_ring):
+            raise _NotReady("AdoptionRefused", f"Secret {spec.secret_name}: {problem}")
+    moved = await asyncio.gather(
+        *(rt.rewrap(g.wrapped, binding, primary) for g in found), return_exceptions=True
+    )
+    for g, result in zip(found, moved, strict=True):
+        if isinstance(result, HsmError) and result.reason in _NOT_ITS_KEY:
+            rt.metrics.adoptions.labels("refused").inc()
+            raise _NotReady(
+                "AdoptionRefused",
+                f"Secret {spec.secret_name} was not adopted: generation {g.generation} (key "
+                f"id {g.key_id:08x}) does not decrypt under this DataKey's binding "
+                f"({result.reason}); no key is generated while it is there (delete it to "
+                "start with a new key)",
+            )
+        if isinstance(result, BaseException):
+            raise result
+    keys.generations = [
+        replace(g, wrapped=m.wrapped, version=m.to_version)
+        for g, m in zip(found, moved, strict=True)
+        if isinstance(m, ReWrapped)
+    ]
+    keys.status["lastGeneratedAt"] = format_time(now)
+    keys.status["adoptedAt"] = format_time(now)
+    rt.metrics.adoptions.labels("adopted").inc()
+    ids = ", ".join(f"{g.key_id:08x}" for g in keys.generations)
+    keys.note(
+        "Adopted",
+        f"adopted {len(found)} generation(s) (key ids {ids}) from Secret {spec.secret_name} "
+        f"after the HSM sidecar verified each decrypts under this DataKey's binding; no new "
+        f"data key was generated; wrapped under {spec.key_ring} v{primary}",
+    )
 
 
 def _regeneration_due(spec: DataKeySpec, status: Mapping[str, Any]) -> dt.datetime | None:
@@ -515,8 +627,11 @@ async def _publish(
     spec: DataKeySpec,
     live: Mapping[str, Any] | None,
     content: SecretContent,
+    *,
+    adopt: bool = False,
 ) -> bool:
-    """Create or correct the Secret; returns True if an existing one had drifted."""
+    """Create or correct the Secret; returns True if an existing one had drifted.
+    ``adopt``: the live Secret is a verified one this DataKey takes over (ownerReference)."""
     namespace = obj["metadata"]["namespace"]
     if live is None:
         body = {
@@ -535,10 +650,10 @@ async def _publish(
         # A Conflict (someone created it meanwhile) ends this pass; the next one looks again.
         _check_written(content, await rt.kube.create(SECRETS, body, namespace), rt)
         return False
-    if not differs(content, live):
+    if not adopt and not differs(content, live):
         return False
     live_data = live.get("data") or {}
-    patch = {
+    patch: dict[str, Any] = {
         "metadata": {
             "labels": dict(content.labels),
             "annotations": dict(content.annotations),
@@ -547,6 +662,9 @@ async def _publish(
         # Entries we do not publish are removed (null), so the Secret has exactly our data.
         "data": {**{k: None for k in live_data if k not in content.data}, **content.data},
     }
+    if adopt:
+        patch["metadata"]["ownerReferences"] = [_owner_reference(obj)]
+        patch["metadata"]["annotations"][ANNOTATION_RESTORED] = None
     _check_written(content, await rt.kube.patch(SECRETS, spec.secret_name, patch, namespace), rt)
     return dict(live_data) != dict(content.data)
 

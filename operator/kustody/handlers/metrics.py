@@ -118,6 +118,13 @@ class OperatorMetrics:
             "DEK generations removed from a keyset after their staged removal (spec.retention)",
             registry=self.registry,
         )
+        self.adoptions = Counter(
+            "kustody_datakey_adoptions",
+            "Existing Secrets (a rebuild, a backup restore) a re-created DataKey adopted or "
+            "refused after the sidecar checked them",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.secret_write_failures = Counter(
             "kustody_secret_write_failures",
             "DataKey Secret writes the API server refused or stored differently",
