@@ -40,6 +40,12 @@ EXPECTED_NAMES: dict[str, dict[str, Any]] = {
         "short": ["rp"],
         "scope": "Cluster",
     },
+    "EscrowAgent": {
+        "plural": "escrowagents",
+        "singular": "escrowagent",
+        "short": ["ea"],
+        "scope": "Cluster",
+    },
 }
 
 # (name, priority) of each printer column, in order.
@@ -68,6 +74,14 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, int]]] = {
         ("Destroy After", 0),
         ("Rewrap", 0),
         ("Age", 0),
+    ],
+    "EscrowAgent": [
+        ("Jurisdiction", 0),
+        ("Admitted", 0),
+        ("Ready", 0),
+        ("Age", 0),
+        ("Fingerprint", 1),
+        ("Reason", 1),
     ],
 }
 
@@ -140,7 +154,7 @@ def _resolve(schema: Schema, dotted: str) -> Schema | None:
     return node
 
 
-def test_the_three_crds_exist() -> None:
+def test_the_four_crds_exist() -> None:
     assert set(CRDS) == set(EXPECTED_NAMES)
 
 
