@@ -608,3 +608,14 @@ def _or_none(call: Callable[[], str]) -> str | None:
         return call()
     except OSError:
         return None
+
+
+def test_kubectl_completes_the_plugin(kube: Cluster) -> None:
+    """kubectl's own completion asks kubectl_complete-kustody (installed beside the plugin)."""
+    commands = _kubectl(kube, "__complete", "kustody", "re")
+    assert commands.returncode == 0, commands.stderr
+    assert commands.stdout.split() == ["restore", "rewrap", ":4"]
+    formats = _kubectl(kube, "__complete", "kustody", "status", "-o", "")
+    assert formats.stdout.split() == ["table", "wide", "json", "yaml", ":4"]
+    flags = _kubectl(kube, "__complete", "kustody", "doctor", "--unwrap-")
+    assert "--unwrap-endpoint" in flags.stdout.split()

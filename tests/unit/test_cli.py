@@ -384,3 +384,19 @@ def test_last_event_within_one_second_is_the_later_write() -> None:
 
     events = [event("Created", "120"), event("KeyRingNotFound", "101"), event("Waiting", "99")]
     assert report.last_events(events)[("p", "ledger")]["reason"] == "Created"
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["sta"], ["status"]),
+        (["status", "--all"], ["--all-namespaces"]),
+        (["status", "-n", "payments", "-o", "j"], ["json"]),
+        (["rotate", "payments", "--wa"], ["--wait"]),
+        (["completion", ""], ["bash", "zsh"]),
+    ],
+)
+def test_kubectl_plugin_completion_candidates(words: list[str], expected: list[str]) -> None:
+    from kustody.cli.completion import candidates
+
+    assert candidates(words) == expected
