@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from kustody.dev.tokens import DevToken, create_token
+from kustody.dev.tokens import DevToken, create_token, selected_kind
 from kustody.hsm.connection import HsmConnection
 from kustody.hsm.keyservice import KeyService
 from kustody.hsm.server import Sidecar, SidecarConfig
@@ -32,6 +32,13 @@ from kustody.hsm.token import TokenConfig
 
 T = TypeVar("T")
 _rings = itertools.count(1)
+
+
+def softhsm2_only(why: str) -> pytest.MarkDecorator:
+    """Skip a test that relies on SoftHSM2 internals when another implementation is tested."""
+    return pytest.mark.skipif(
+        selected_kind() != "softhsm2", reason=f"SoftHSM2 only ({selected_kind()}): {why}"
+    )
 
 
 @pytest.fixture(scope="session")

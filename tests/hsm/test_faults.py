@@ -19,7 +19,7 @@ from kustody.domain.keyversion import VersionState
 from kustody.hsm.client import GenerateItem, HsmClient
 from kustody.hsm.errors import HsmError, Reason
 
-from .conftest import run, start_process
+from .conftest import run, softhsm2_only, start_process
 
 BINDING = Binding("shop", "db-key", {"app": "db"})
 
@@ -99,6 +99,7 @@ def test_missing_module_or_token(
         proc.stop()
 
 
+@softhsm2_only("moves SoftHSM2's token directory away; a Kryoptic token is one open sqlite file")
 def test_token_gone_mid_run_and_back(tmp_path: Path, own_token: DevToken) -> None:
     proc = start_process(tmp_path, own_token)
     token_dir = next((own_token.directory / "tokens").iterdir())

@@ -131,16 +131,36 @@ def create_token(directory: Path, label: str = "kustody", kind: str | None = Non
 
 _CKF_RW_SERIAL = 0x6
 _CKU_SO = 0
+_UL = ctypes.c_ulong
+_P = ctypes.c_void_p
+_S = ctypes.c_char_p
+# Index in CK_FUNCTION_LIST (after CK_VERSION) and signature of each function used here.
+_FUNCTIONS = {
+    "C_Initialize": (0, (_P,)),
+    "C_Finalize": (1, (_P,)),
+    "C_InitToken": (9, (_UL, _S, _UL, _S)),
+    "C_InitPIN": (10, (_UL, _S, _UL)),
+    "C_OpenSession": (12, (_UL, _UL, _P, _P, ctypes.POINTER(_UL))),
+    "C_CloseSession": (13, (_UL,)),
+    "C_Login": (18, (_UL, _UL, _S, _UL)),
+    "C_Logout": (19, (_UL,)),
+}
 
 
 def _init_token(module: Path, slot: int, label: str, so_pin: bytes, user_pin: bytes) -> None:
-    """C_InitToken, then as the SO C_InitPIN: what ``softhsm2-util --init-token`` does."""
+    """C_InitToken, then as the SO C_InitPIN: what ``softhsm2-util --init-token`` does. Through
+    C_GetFunctionList (Kryoptic exports no other C_ symbol)."""
     lib = ctypes.CDLL(str(module))
-    ulong = ctypes.c_ulong
+    get_list = lib.C_GetFunctionList
+    get_list.restype = _UL
+    table = _P()
+    if get_list(ctypes.byref(table)) != 0 or not table.value:
+        raise UserError("C_GetFunctionList failed")
+    pointers = ctypes.cast(table.value + ctypes.sizeof(_P), ctypes.POINTER(_P))
 
     def call(name: str, *args: object) -> None:
-        fn = getattr(lib, name)
-        fn.restype = ulong
+        index, argtypes = _FUNCTIONS[name]
+        fn = ctypes.CFUNCTYPE(_UL, *argtypes)(pointers[index])
         rv = fn(*args)
         if rv != 0:
             raise UserError(f"{name} failed: CKR 0x{rv:x}")
@@ -148,15 +168,15 @@ def _init_token(module: Path, slot: int, label: str, so_pin: bytes, user_pin: by
     call("C_Initialize", None)
     try:
         padded = label.encode().ljust(32, b" ")[:32]
-        call("C_InitToken", ulong(slot), so_pin, ulong(len(so_pin)), padded)
-        session = ulong()
-        call("C_OpenSession", ulong(slot), ulong(_CKF_RW_SERIAL), None, None, ctypes.byref(session))
-        call("C_Login", session, ulong(_CKU_SO), so_pin, ulong(len(so_pin)))
-        call("C_InitPIN", session, user_pin, ulong(len(user_pin)))
+        call("C_InitToken", slot, so_pin, len(so_pin), padded)
+        session = _UL()
+        call("C_OpenSession", slot, _CKF_RW_SERIAL, None, None, ctypes.byref(session))
+        call("C_Login", session, _CKU_SO, so_pin, len(so_pin))
+        call("C_InitPIN", session, user_pin, len(user_pin))
         call("C_Logout", session)
         call("C_CloseSession", session)
     finally:
-        lib.C_Finalize(None)
+        call("C_Finalize", None)
 
 
 def main(argv: list[str] | None = None) -> int:

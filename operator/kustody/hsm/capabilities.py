@@ -237,6 +237,64 @@ class _GcmMessageParams(ctypes.Structure):
     ]  # fmt: skip
 
 
+# CK_FUNCTION_LIST_3_0: CK_VERSION, the 68 functions of 2.40 (C_Initialize ... C_WaitForSlotEvent),
+# then C_GetInterfaceList, C_GetInterface, C_LoginUser, C_SessionCancel, C_MessageEncryptInit,
+# C_EncryptMessage, C_EncryptMessageBegin, C_EncryptMessageNext, C_MessageEncryptFinal, ...
+_V2_FUNCTIONS = 68
+_MESSAGE_ENCRYPT_INIT = 72
+_ENCRYPT_MESSAGE = 73
+_MESSAGE_ENCRYPT_FINAL = 76
+_ulong = ctypes.c_ulong
+_INIT = ctypes.CFUNCTYPE(_ulong, _ulong, ctypes.c_void_p, _ulong)
+_ENCRYPT = ctypes.CFUNCTYPE(
+    _ulong, _ulong, ctypes.c_void_p, _ulong, ctypes.c_char_p, _ulong, ctypes.c_char_p, _ulong,
+    ctypes.c_void_p, ctypes.POINTER(_ulong),
+)  # fmt: skip
+_FINAL = ctypes.CFUNCTYPE(_ulong, _ulong)
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)]
+
+
+class _Interface(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("functions", ctypes.c_void_p), ("flags", _ulong)]
+
+
+def _functions_3_0(lib: ctypes.CDLL) -> Any:
+    """The module's CK_FUNCTION_LIST_3_0 as an array of function pointers, or None."""
+    get_interface = getattr(lib, "C_GetInterface", None)
+    if get_interface is None:
+        return None
+    get_interface.restype = _ulong
+    interface = ctypes.POINTER(_Interface)()
+    version = _Version(3, 0)
+    rv = get_interface(b"PKCS 11", ctypes.byref(version), ctypes.byref(interface), _ulong(0))
+    if rv != _CKR_OK or not interface or not interface.contents.functions:
+        return None
+    base = int(interface.contents.functions)
+    if ctypes.cast(base, ctypes.POINTER(_Version)).contents.major < 3:
+        return None
+    pointers = ctypes.cast(base + ctypes.sizeof(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p))
+    # Check the layout: the 2.40 part must be the module's CK_FUNCTION_LIST, and the 3.0 part
+    # filled in up to C_MessageEncryptFinal.
+    get_list = getattr(lib, "C_GetFunctionList", None)
+    table = ctypes.c_void_p()
+    if get_list is None:
+        return None
+    get_list.restype = _ulong
+    if get_list(ctypes.byref(table)) != _CKR_OK or not table.value:
+        return None
+    plain = ctypes.cast(
+        table.value + ctypes.sizeof(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)
+    )
+    if any(pointers[i] != plain[i] for i in range(_V2_FUNCTIONS)):
+        return None
+    if not all(pointers[i] for i in range(_V2_FUNCTIONS, _MESSAGE_ENCRYPT_FINAL + 1)):
+        return None
+    return pointers
+
+
 class TokenIvUnsupported(Exception):
     """The module has no PKCS#11 3.0 message-based encryption."""
 
@@ -244,21 +302,24 @@ class TokenIvUnsupported(Exception):
 class MessageGcm:
     """AES-GCM encryption where the token chooses the IV (C_EncryptMessage, PKCS#11 3.0).
 
-    Calls the module's exported PKCS#11 3.0 functions on python-pkcs11's own session and key
-    handles (the same loaded library, so the same state). Each :meth:`encrypt` is one
-    C_MessageEncryptInit, C_EncryptMessage, C_MessageEncryptFinal: no message operation stays
-    open on a key between calls (a key disabled later is never used through an open one)."""
+    Calls the module's PKCS#11 3.0 functions — from its ``C_GetInterface("PKCS 11", 3.0)``
+    function list (Kryoptic exports only C_GetFunctionList/C_GetInterface*), else exported
+    symbols — on python-pkcs11's own session and key handles (the same loaded library, so the
+    same state). Each :meth:`encrypt` is one C_MessageEncryptInit, C_EncryptMessage,
+    C_MessageEncryptFinal: no message operation stays open on a key between calls (a key
+    disabled later is never used through an open one)."""
 
     def __init__(self, module: str) -> None:
         try:
             lib = ctypes.CDLL(module)
-            self._init = lib.C_MessageEncryptInit
-            self._encrypt = lib.C_EncryptMessage
-            self._final = lib.C_MessageEncryptFinal
-        except (OSError, AttributeError) as exc:
-            raise TokenIvUnsupported(f"no C_EncryptMessage in the module ({_err(exc)})") from None
-        for fn in (self._init, self._encrypt, self._final):
-            fn.restype = ctypes.c_ulong
+        except OSError as exc:
+            raise TokenIvUnsupported(f"the module cannot be loaded ({_err(exc)})") from None
+        functions = _functions_3_0(lib)
+        if functions is None:
+            raise TokenIvUnsupported("no PKCS#11 3.0 interface (C_GetInterface) in the module")
+        self._init = _INIT(functions[_MESSAGE_ENCRYPT_INIT])
+        self._encrypt = _ENCRYPT(functions[_ENCRYPT_MESSAGE])
+        self._final = _FINAL(functions[_MESSAGE_ENCRYPT_FINAL])
 
     def encrypt(self, session: Any, key: Any, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """(the 12-byte IV the token chose, ciphertext ‖ 16-byte tag)."""
