@@ -114,8 +114,10 @@ async def check_lease(kube: Kube, opts: Options) -> list[Finding]:
 
     where = f"{opts.namespace}/{opts.lease_name}"
     lease = await kube.get_or_none(LEASES, opts.lease_name, opts.namespace)
-    start = "start the operator (kubectl -n {ns} get pods; kubectl -n {ns} logs deploy/...)"
-    fix = start.format(ns=opts.namespace)
+    fix = (
+        f"check the operator's pod and its log (kubectl -n {opts.namespace} get pods "
+        "-l app.kubernetes.io/name=kustody; kubectl logs POD -c operator)"
+    )
     if lease is None:
         return [
             Finding(
