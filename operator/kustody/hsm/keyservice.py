@@ -143,37 +143,50 @@ def _copy(error: BaseException) -> BaseException:
 
 class _Shared:
     """One worker answer for several callers: item ``i`` of it goes to ``futures[i]``
-    (a :class:`kustody.hsm.connection.Waiter`); ``on_done`` runs once it is answered."""
+    (a :class:`kustody.hsm.connection.Waiter`); ``on_done`` runs exactly once, when the
+    worker has answered (or the request failed or was cancelled as a whole).
 
-    __slots__ = ("futures", "on_done")
+    It is "done" only then — not when its callers have gone away: the connection skips
+    delivering to a done waiter, and the queue's bookkeeping must hear about every answer,
+    or a request whose every caller gave up would stay counted in flight for ever and hold
+    back every later decrypt."""
+
+    __slots__ = ("_finished", "futures", "on_done")
 
     def __init__(
         self, futures: list[asyncio.Future[Any]], on_done: Callable[[], None] | None = None
     ) -> None:
         self.futures = futures
         self.on_done = on_done
+        self._finished = False
 
     def done(self) -> bool:
-        return all(f.done() for f in self.futures)
+        return self._finished
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self.on_done is not None:
+            self.on_done()
 
     def cancel(self) -> bool:
         for f in self.futures:
             f.cancel()
+        self._finish()
         return True
 
     def set_result(self, answers: Any, /) -> None:
         for f, answer in zip(self.futures, answers, strict=True):
             if not f.done():
                 f.set_result(answer)
-        if self.on_done is not None:
-            self.on_done()
+        self._finish()
 
     def set_exception(self, exception: BaseException, /) -> None:
         for f in self.futures:
             if not f.done():
                 f.set_exception(_copy(exception))
-        if self.on_done is not None:
-            self.on_done()
+        self._finish()
 
 
 class _DecryptQueue:
