@@ -400,3 +400,17 @@ def test_kubectl_plugin_completion_candidates(words: list[str], expected: list[s
     from kustody.cli.completion import candidates
 
     assert candidates(words) == expected
+
+
+def test_doctor_wide_output_names_what_each_finding_is_about() -> None:
+    findings = [
+        Finding(
+            "keyrings", "error", "KeyRing a is not Ready: X: y", "kubectl describe", "keyring/a"
+        ),
+        Finding("crds", "ok", "3 CRDs Established"),
+    ]
+    data = doctor.build_report(findings, NOW)
+    wide = doctor.render(data, wide=True)
+    assert "ERROR    keyrings     KeyRing a is not Ready: X: y  [keyring/a]" in wide
+    assert "                      fix: kubectl describe" in wide
+    assert "[keyring/a]" not in doctor.render(data)
