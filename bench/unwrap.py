@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,8 @@ WARMUP = os.environ.get("KUSTODY_BENCH_UNWRAP_WARMUP", "1s")
 CLIENT = os.environ.get("KUSTODY_BENCH_UNWRAP_CLIENT", "both")
 PYSPY_DIR = os.environ.get("KUSTODY_BENCH_PYSPY")
 FLOOD_TOKENS = int(os.environ.get("KUSTODY_BENCH_FLOOD_TOKENS", "5000"))
+# Issue 11: a 3-generation keyset in one unwrap call vs the single key, interleaved.
+KEYSET_REPEATS = int(os.environ.get("KUSTODY_BENCH_KEYSET_REPEATS", "3"))
 FLOOD_RATE = float(os.environ.get("KUSTODY_BENCH_FLOOD_RATE", "1000"))
 # The per-address limit lifted: the flood as if from many addresses.
 _MANY_ADDRESSES = (
@@ -366,6 +369,42 @@ async def plaintext_of(sidecar: Sidecar, wrapped: str, binding: Binding) -> byte
         return await hsm.decrypt(wrapped, binding, allow_plaintext_export=True)
 
 
+def _keyset_case(
+    loadgen: Path, endpoint: str, ca: Path, request: pb.UnwrapRequest, older: list[str],
+    token: str, sidecar: Sidecar, binding: Binding, pids: list[int], directory: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """The same call with the whole keyset (the primary plus two earlier generations, as a
+    DataKey has after two regenerations), alternated with the single-key call: p99 of each
+    as the median over the repetitions, and their ratio (target <= 1.2)."""
+    keyset = pb.UnwrapRequest()
+    keyset.CopyFrom(request)
+    for number, wrapped in enumerate([*older, request.wrapped], start=1):
+        keyset.generations.add(
+            key_id=number, generation=number, primary=number == len(older) + 1, wrapped=wrapped
+        )
+    plaintext = asyncio.run(plaintext_of(sidecar, request.wrapped, binding))
+    single: list[float] = []
+    whole: list[float] = []
+    for i in range(KEYSET_REPEATS):
+        for name, req, into in (("single", request, single), ("keyset", keyset, whole)):
+            run = _go_bench(loadgen, endpoint, ca, req, token, plaintext, pids,
+                            directory / f"{name}-{i}")  # fmt: skip
+            into.append(run["p99_ms"])
+    median_single, median_keyset = statistics.median(single), statistics.median(whole)
+    return {
+        "unwrap_keyset3_p99_ms": median_keyset,
+        "unwrap_keyset3_single_p99_ms": median_single,
+        "unwrap_keyset3_p99_ratio": round(median_keyset / median_single, 3),
+        "unwrap_keyset3": {
+            "generations": len(older) + 1,
+            "repeats": KEYSET_REPEATS,
+            "single_p99_ms": single,
+            "keyset_p99_ms": whole,
+            "target_ratio": 1.2,
+        },
+    }
+
+
 def run() -> dict[str, Any]:
     """Start a control plane, a token and the sidecar; return the ``unwrap_*`` results."""
     with tempfile.TemporaryDirectory(prefix="kustody-bench-unwrap-") as tmp:
@@ -412,12 +451,12 @@ def run() -> dict[str, Any]:
             ).start()  # fmt: skip
             binding = Binding(NS, DK, {"app": "bench"})
 
-            async def wrap() -> str:
+            async def wrap() -> list[str]:
                 async with HsmClient.unix(sidecar.socket) as hsm:
                     await hsm.create_key_version(RING, 1)
-                    return (await hsm.generate_data_key(RING, binding)).wrapped
+                    return [(await hsm.generate_data_key(RING, binding)).wrapped for _ in range(3)]
 
-            wrapped = asyncio.run(wrap())
+            *older, wrapped = asyncio.run(wrap())
             spec = k8s.V1TokenRequestSpec(audiences=["kustody"], expiration_seconds=3600)
             sa_token: str = (
                 k8s.CoreV1Api(cluster.api_client())
@@ -446,6 +485,11 @@ def run() -> dict[str, Any]:
                     loadgen, endpoint, ca, request, sa_token, plaintext, pids, base / "loadgen"
                 )  # fmt: skip
                 result.update(_headline(go, "go"))
+            if loadgen is not None and KEYSET_REPEATS > 0:
+                result.update(
+                    _keyset_case(loadgen, endpoint, ca, request, older, sa_token, sidecar, binding,
+                                 pids, base / "keyset")
+                )  # fmt: skip
             if CLIENT in ("python", "both") or loadgen is None:
                 py = asyncio.run(_python_bench(endpoint, ca.read_bytes(), request, sa_token, pids))
                 if loadgen is None:
