@@ -362,6 +362,7 @@ def test_operator_memory_stays_flat_with_500_large_labelled_secrets(
         cluster.kubectl("annotate", "keyring", "flooded", "poke=1")
         time.sleep(10)  # the watch has delivered all 500 events (metadata only)
         after = _rss_mib(pid)
+        print(f"operator RSS {before:.1f} MiB before, {after:.1f} MiB after 500 x 1 MiB Secrets")
         # 500 MiB of Secret data passed through the API server; the operator saw only
         # metadata. Old code held every Secret with its data (hundreds of MiB).
         assert after - before < 40, f"operator RSS grew from {before:.0f} to {after:.0f} MiB"
