@@ -54,6 +54,7 @@ ROTATE_S = float(os.environ.get("SOAK_ROTATE_SECONDS", "60"))
 CHAOS_S = float(os.environ.get("SOAK_CHAOS_SECONDS", "10"))
 SAMPLE_S = float(os.environ.get("SOAK_SAMPLE_SECONDS", "5"))
 SEED = int(os.environ.get("SOAK_SEED", "20261202"))
+NAME = os.environ.get("SOAK_NAME", "soak")  # bench/results/NAME.json and NAME.png
 NS, RING = "soak", "soak"
 RSS_GROWTH_PER_HOUR = 0.25  # of the median RSS over the last half
 FD_GROWTH_PER_HOUR = 10.0
@@ -373,8 +374,8 @@ def main() -> int:
         "series": series,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
-    _plot(result, RESULTS / "soak.png")
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot(result, RESULTS / f"{NAME}.png")
     summary = {k: result[k] for k in ("datakeys_ready", "deks_unchanged", "rotations", "chaos")}
     print(json.dumps({**summary, "processes": ends, "growth_last_half": growth}, indent=1))
     if failures:
