@@ -31,7 +31,7 @@ def _version(_: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = "kustody") -> argparse.ArgumentParser:
-    from kustody.cli import actions, backup, completion, datakeys, doctor, status
+    from kustody.cli import actions, backup, completion, datakeys, doctor, escrow, status
     from kustody.dev import commands as dev_commands
 
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
@@ -43,6 +43,7 @@ def build_parser(prog: str = "kustody") -> argparse.ArgumentParser:
     datakeys.register(sub)
     doctor.register(sub)
     backup.register(sub)
+    escrow.register(sub)
     dev_commands.register(sub)
     _register_optional(sub)
     completion.register(sub)

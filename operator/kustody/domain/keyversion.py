@@ -83,6 +83,9 @@ class VersionInfo:
     ref: KeyVersionRef
     state: VersionState
     fingerprint: str  # key check value, hex
+    # Created (or recovered) for an escrowed KeyRing: extractable only under keys the token's
+    # Security Officer admitted. False: never extractable.
+    escrowable: bool = False
 
 
 def parse_label(label: str) -> KeyVersionRef | None:

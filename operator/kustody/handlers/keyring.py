@@ -31,6 +31,7 @@ from kustody.domain.specs import (
     parse_restore_request,
 )
 from kustody.domain.timestamps import format_time, parse_time
+from kustody.handlers import escrow
 from kustody.handlers.runtime import (
     Runtime,
     datakey_keyring,
@@ -79,6 +80,8 @@ class _Pass:
         self.versions = [Version.from_status(v) for v in self.status.get("versions") or ()]
         self.now = rt.clock()
         self.conditions: list[Condition] = []
+        # spec.escrow: new versions are created extractable only under trusted keys.
+        self.escrow = bool((obj.get("spec") or {}).get("escrow"))
 
     @property
     def primary(self) -> int | None:
@@ -214,6 +217,7 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
     decision = decide(p.now, parse_time(p.status.get("lastRotationAt")), policy, None, None)
     refs = await _references(rt, name, spec.allowed, fresh=False)
     _summarise(p, spec, policy, policy_problem, refs, decision.next_at)
+    await _escrow(p)
     await p.save()
 
     if plan.actions:
@@ -223,6 +227,30 @@ async def reconcile(rt: Runtime, name: str) -> float | None:
     due = [t for t in (plan.next_due, decision.next_at) if t is not None]
     wait = min([(t - p.now).total_seconds() for t in due] + [RESYNC_SECONDS])
     return max(1.0, wait)
+
+
+async def _escrow(p: _Pass) -> None:
+    """spec.escrow: packages for every live version and admitted, allowed agent (see
+    :mod:`kustody.handlers.escrow`); Events only when the Escrowed condition changes or a
+    package was made."""
+    before: Mapping[str, Any] = next(
+        (c for c in p.status.get("conditions") or () if c.get("type") == "Escrowed"), {}
+    )
+    condition, events = await escrow.escrow_step(p.rt, p.obj, p.status, p.versions)
+    if condition is None:
+        return
+    p.conditions.append(condition)
+    changed = (before.get("reason"), before.get("message")) != (
+        condition.reason,
+        condition.message,
+    )
+    for reason, message in events:
+        if reason == "EscrowExported":
+            await p.rt.events.normal(p.obj, reason, message)
+        elif changed:
+            await p.rt.events.warning(p.obj, reason, message)
+    if changed and not condition.status and condition.reason != "AgentRefused":
+        await p.rt.events.warning(p.obj, condition.reason, condition.message)
 
 
 async def _set_finalizers(
@@ -251,7 +279,9 @@ async def _provision(p: _Pass) -> None:
             ),
         )
     else:
-        info = await p.rt.call_hsm("CreateKeyVersion", p.rt.hsm.create_key_version(p.name, 1))
+        info = await p.rt.call_hsm(
+            "CreateKeyVersion", p.rt.hsm.create_key_version(p.name, 1, escrow=p.escrow)
+        )
         versions = [Version(1, State.ENABLED, p.now, info.fingerprint)]
         reason, message = "Created", f"created KEK version 1 (fingerprint {info.fingerprint})"
     enabled = [v.version for v in versions if v.state is State.ENABLED]
@@ -305,7 +335,9 @@ async def _rotate_if_due(p: _Pass, policy: RotationPolicySpec | None) -> None:
         return
     new = max((v.version for v in p.versions), default=0) + 1
     try:
-        info = await p.rt.call_hsm("CreateKeyVersion", p.rt.hsm.create_key_version(p.name, new))
+        info = await p.rt.call_hsm(
+            "CreateKeyVersion", p.rt.hsm.create_key_version(p.name, new, escrow=p.escrow)
+        )
     except HsmError:
         p.rt.metrics.rotations.labels("failure").inc()
         raise

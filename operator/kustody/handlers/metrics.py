@@ -125,6 +125,13 @@ class OperatorMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.escrow_exports = Counter(
+            "kustody_escrow_exports",
+            "Escrow packages made inside the token (exported) or refused by it, per KeyRing "
+            "version and agent",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.secret_write_failures = Counter(
             "kustody_secret_write_failures",
             "DataKey Secret writes the API server refused or stored differently",

@@ -16,16 +16,23 @@ from typing import Any
 import kopf
 
 from kustody.domain.secret import MANAGED_BY, MANAGER
-from kustody.handlers import datakey, keyring, policy, watch
+from kustody.handlers import datakey, escrow, keyring, policy, watch
 from kustody.handlers.metrics import OperatorMetrics
-from kustody.handlers.runtime import DATAKEY, KEYRING, POLICY, QueueKey, Runtime
+from kustody.handlers.runtime import DATAKEY, ESCROW_AGENT, KEYRING, POLICY, QueueKey, Runtime
 from kustody.hsm.client import HsmClient, HsmError
 from kustody.kube.api import Kube, TooManyRequests, load_api_client
 from kustody.kube.errors import Conflict, KubeError, NotFound
 from kustody.kube.events import EventRecorder
 from kustody.kube.informer import MetadataInformer
 from kustody.kube.leader import LeaderElector
-from kustody.kube.resources import DATAKEYS, KEYRINGS, NAMESPACES, ROTATION_POLICIES, SECRETS
+from kustody.kube.resources import (
+    DATAKEYS,
+    ESCROW_AGENTS,
+    KEYRINGS,
+    NAMESPACES,
+    ROTATION_POLICIES,
+    SECRETS,
+)
 
 log = logging.getLogger("kustody.operator")
 
@@ -88,6 +95,7 @@ async def _sync(rt: Runtime, secrets: MetadataInformer) -> None:
         (rt.datakeys, DATAKEYS),
         (rt.policies, ROTATION_POLICIES),
         (rt.namespaces, NAMESPACES),
+        (rt.escrow_agents, ESCROW_AGENTS),
     )
     for store, res in kinds:
         for obj in await rt.kube.list(res):
@@ -105,12 +113,15 @@ def _enqueue_all(rt: Runtime) -> None:
         rt.enqueue(KEYRING, ns, name)
     for ns, name in rt.datakeys:
         rt.enqueue(DATAKEY, ns, name)
+    for ns, name in rt.escrow_agents:
+        rt.enqueue(ESCROW_AGENT, ns, name)
 
 
 _RECONCILERS: dict[str, Callable[[Runtime, str, str], Awaitable[float | None]]] = {
     KEYRING: lambda rt, _ns, name: keyring.reconcile(rt, name),
     DATAKEY: datakey.reconcile,
     POLICY: lambda rt, _ns, name: policy.reconcile(rt, name),
+    ESCROW_AGENT: lambda rt, _ns, name: escrow.reconcile_agent(rt, name),
 }
 
 
@@ -247,7 +258,7 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
         if config.remote is not None
         else HsmClient.unix(config.hsm_socket, timeout=config.hsm_timeout)
     )
-    rt = Runtime(kube, hsm, EventRecorder(kube), metrics)
+    rt = Runtime(kube, hsm, EventRecorder(kube), metrics, namespace=config.namespace)
     metrics.watch_objects(rt.keyrings, rt.datakeys, rt.clock)
     server = (
         metrics.serve(config.metrics_port, config.metrics_address) if config.metrics_port else None

@@ -23,6 +23,7 @@ T = TypeVar("T")
 QueueKey = tuple[str, str, str]  # (kind, namespace or "", name)
 
 KEYRING, DATAKEY, POLICY = "KeyRing", "DataKey", "RotationPolicy"
+ESCROW_AGENT = "EscrowAgent"
 
 
 def datakey_keyring(obj: Obj) -> str | None:
@@ -143,6 +144,9 @@ class Runtime:
     policies: Store = field(default_factory=Store)
     secrets: Store = field(default_factory=lambda: Store(_secret_keyring))
     namespaces: Store = field(default_factory=Store)
+    escrow_agents: Store = field(default_factory=Store)
+    # The operator's own namespace (its Lease, and the Secrets holding escrow packages).
+    namespace: str = "kustody-system"
     queue: WorkQueue[QueueKey] = field(default_factory=WorkQueue)
     health: HsmHealth = field(default_factory=HsmHealth)
     max_batch: int = 100

@@ -16,6 +16,7 @@ import kopf
 from kustody.domain.secret import LABEL_DATAKEY, LABEL_KEYRING, MANAGED_BY, MANAGER
 from kustody.handlers.runtime import (
     DATAKEY,
+    ESCROW_AGENT,
     KEYRING,
     POLICY,
     Runtime,
@@ -73,6 +74,17 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         rt.enqueue(POLICY, None, name)
         for kr in rt.keyrings.by_index(name):
             rt.enqueue(KEYRING, None, kr["metadata"]["name"])
+
+    @kopf.on.event(GROUP, VERSION, "escrowagents", registry=registry)
+    async def escrow_agent_event(event: Mapping[str, Any], **_: Any) -> None:
+        _old, obj, changed = _record(rt.escrow_agents, event)
+        if not changed:
+            return
+        name = obj["metadata"]["name"]
+        rt.enqueue(ESCROW_AGENT, None, name)
+        for kr in rt.keyrings.values():
+            if name in ((kr.get("spec") or {}).get("escrow") or {}).get("agents", ()):
+                rt.enqueue(KEYRING, None, kr["metadata"]["name"], delay=1.0)
 
     @kopf.on.event("", "v1", "namespaces", registry=registry)
     async def namespace_event(event: Mapping[str, Any], **_: Any) -> None:

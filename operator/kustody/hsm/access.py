@@ -45,6 +45,8 @@ _OPERATOR = _KMS | {
     "CreateKeyVersion",
     "SetVersionState",
     "DestroyVersion",
+    "ExportEscrow",
+    "DescribeEscrowAgent",
 }
 RPCS: Mapping[Role, frozenset[str]] = {
     Role.OPERATOR: _OPERATOR,

@@ -2,7 +2,8 @@
 
 Fields: ``rpc``, ``peer`` (``unix`` or the client certificate identity), ``role``,
 ``key_ring``, ``version`` (0 when the call names none), ``items`` (batches), ``outcome``
-(``ok``, ``cancelled`` or the stable reason). Never key material, plaintext, envelopes or
+(``ok``, ``cancelled`` or the stable reason), and for ExportEscrow ``agent`` (the escrow
+agent's key fingerprint). Never key material, plaintext, envelopes or
 bindings: none of them is ever passed in here.
 
 Audited (see :func:`kustody.hsm.servicer.audited`): every call of CreateKeyVersion,
@@ -24,7 +25,15 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
 
 def line(
-    *, rpc: str, peer: str, role: str, key_ring: str, version: int, items: int, outcome: str
+    *,
+    rpc: str,
+    peer: str,
+    role: str,
+    key_ring: str,
+    version: int,
+    items: int,
+    outcome: str,
+    agent: str = "",
 ) -> str:
     record = {
         "event": "hsm",
@@ -36,12 +45,22 @@ def line(
         "items": items,
         "outcome": outcome,
     }
+    if agent:
+        record["agent"] = agent[:_MAX_FIELD]
     text: str = _ENCODER.encode(record)
     return text
 
 
 def emit(
-    *, rpc: str, peer: str, role: str, key_ring: str, version: int, items: int, outcome: str
+    *,
+    rpc: str,
+    peer: str,
+    role: str,
+    key_ring: str,
+    version: int,
+    items: int,
+    outcome: str,
+    agent: str = "",
 ) -> None:
     _log.info(
         "%s",
@@ -53,5 +72,6 @@ def emit(
             version=version,
             items=items,
             outcome=outcome,
+            agent=agent,
         ),
     )

@@ -29,6 +29,7 @@ from kustody.hsm.rpcerror import from_rpc_error
 __all__ = [
     "Binding",
     "DataKey",
+    "EscrowPackageReply",
     "GenerateItem",
     "Health",
     "HsmClient",
@@ -71,6 +72,20 @@ class ReWrapped:
 
 
 @dataclass(frozen=True)
+class EscrowPackageReply:
+    """ExportEscrow's answer: what an escrow package holds (domain.escrow.Package)."""
+
+    key_ring: str
+    version: int
+    agent_fingerprint: str
+    label: str
+    object_id: bytes
+    check_value: str
+    mechanism: str
+    wrapped: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class KeyDescription:
     key_ring: str
     primary_version: int | None
@@ -109,6 +124,7 @@ def _version(message: pb.KeyVersion) -> VersionInfo:
         KeyVersionRef(message.key_ring, message.version),
         _STATES[message.state],
         message.fingerprint,
+        message.escrowable,
     )
 
 
@@ -183,9 +199,35 @@ class HsmClient:
 
     # -- versions ----------------------------------------------------------------------------
 
-    async def create_key_version(self, key_ring: str, version: int) -> VersionInfo:
-        request = pb.CreateKeyVersionRequest(key_ring=key_ring, version=version)
+    async def create_key_version(
+        self, key_ring: str, version: int, *, escrow: bool = False
+    ) -> VersionInfo:
+        request = pb.CreateKeyVersionRequest(key_ring=key_ring, version=version, escrow=escrow)
         return _version(await self._call(self._stub.CreateKeyVersion, request))
+
+    async def export_escrow(
+        self, key_ring: str, version: int, agent_fingerprint: str
+    ) -> EscrowPackageReply:
+        """The version wrapped inside the token under the escrow agent's public key."""
+        request = pb.ExportEscrowRequest(
+            key_ring=key_ring, version=version, agent_fingerprint=agent_fingerprint
+        )
+        reply = await self._call(self._stub.ExportEscrow, request)
+        return EscrowPackageReply(
+            reply.key_ring,
+            reply.version,
+            reply.agent_fingerprint,
+            reply.label,
+            bytes(reply.object_id),
+            reply.check_value,
+            reply.mechanism,
+            bytes(reply.wrapped),
+        )
+
+    async def escrow_agent_admitted(self, agent_fingerprint: str) -> bool:
+        request = pb.DescribeEscrowAgentRequest(agent_fingerprint=agent_fingerprint)
+        reply = await self._call(self._stub.DescribeEscrowAgent, request)
+        return bool(reply.admitted)
 
     async def set_version_state(
         self, key_ring: str, version: int, state: VersionState

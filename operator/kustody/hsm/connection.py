@@ -80,8 +80,8 @@ def _reason(text: str) -> Reason:
 
 
 def info_from_wire(item: wire.WireInfo) -> VersionInfo:
-    ring, version, state, fingerprint = item
-    return VersionInfo(KeyVersionRef(ring, version), VersionState(state), fingerprint)
+    ring, version, state, fingerprint, escrowable = item
+    return VersionInfo(KeyVersionRef(ring, version), VersionState(state), fingerprint, escrowable)
 
 
 def _exit_text(code: int | None) -> str:

@@ -42,6 +42,10 @@ class Reason(enum.StrEnum):
     # The token answers but lacks what Kustody needs (the capability probe says what), or the
     # --gcm-iv policy asks for what it cannot do; see `kustody hsm probe`.
     TOKEN_INCOMPATIBLE = "TOKEN_INCOMPATIBLE"  # noqa: S105 (a reason, not a secret)
+    # Escrow: the agent's key is not in the token as a trusted wrapping key (the token
+    # itself refuses to wrap under it), or the version was not created for escrow.
+    ESCROW_AGENT_NOT_ADMITTED = "ESCROW_AGENT_NOT_ADMITTED"
+    VERSION_NOT_ESCROWABLE = "VERSION_NOT_ESCROWABLE"
     INTERNAL = "INTERNAL"
 
 

@@ -68,6 +68,13 @@ from kustody.hsm.capabilities import (
     Profile,
 )
 from kustody.hsm.errors import HsmError, Reason
+from kustody.hsm.escrow import (
+    ESCROW_APPLICATION,
+    KEK_TEMPLATE_ESCROW,
+    RECOVERED_APPLICATION,
+    agent_admitted,
+    wrap_for_agent,
+)
 from kustody.hsm.token import TokenLost, TokenSession, classify
 
 log = logging.getLogger(__name__)
@@ -107,11 +114,15 @@ def _pkcs11_errors(action: str) -> Iterator[None]:
 
 
 def _fingerprint(key: Any) -> str:
-    """Key check value: CKA_CHECK_VALUE, i.e. the first 3 bytes of AES-ECB(K, 0^128)."""
+    """Key check value: CKA_CHECK_VALUE, i.e. the first 3 bytes of AES-ECB(K, 0^128). (A key
+    made by C_UnwrapKey, a recovered escrow package, has an empty CKA_CHECK_VALUE on SoftHSM2:
+    computed then.)"""
     try:
-        return bytes(key[Attribute.CHECK_VALUE]).hex()
+        value = bytes(key[Attribute.CHECK_VALUE]).hex()
     except p11.PKCS11Error:
-        pass
+        value = ""
+    if value:
+        return value
     try:
         return bytes(key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:3]).hex()
     except p11.PKCS11Error:
@@ -142,14 +153,53 @@ _TRUSTED = (
     (Attribute.WRAP, False, "CKA_WRAP"),
     (Attribute.UNWRAP, False, "CKA_UNWRAP"),
 )
+# A version created for an escrowed KeyRing (a kustody-escrow record under its label):
+# generated in the token, sensitive, extractable only under keys the Security Officer trusts.
+_ESCROWABLE = (
+    (Attribute.KEY_TYPE, KeyType.AES, "CKA_KEY_TYPE"),
+    (Attribute.VALUE_LEN, KEK_BYTES, "CKA_VALUE_LEN"),
+    (Attribute.LOCAL, True, "CKA_LOCAL"),
+    (Attribute.SENSITIVE, True, "CKA_SENSITIVE"),
+    (Attribute.WRAP_WITH_TRUSTED, True, "CKA_WRAP_WITH_TRUSTED"),
+    (Attribute.WRAP, False, "CKA_WRAP"),
+    (Attribute.UNWRAP, False, "CKA_UNWRAP"),
+)
+# A version recovered from an escrow package (kustody-escrow and kustody-recovered records):
+# made by C_UnwrapKey (so not CKA_LOCAL; SoftHSM2 reports no CKA_VALUE_LEN for it; its check
+# value was compared with the package's when it was unwrapped), sensitive, and again
+# extractable only under trusted keys.
+_RECOVERED = (
+    (Attribute.KEY_TYPE, KeyType.AES, "CKA_KEY_TYPE"),
+    (Attribute.SENSITIVE, True, "CKA_SENSITIVE"),
+    (Attribute.WRAP_WITH_TRUSTED, True, "CKA_WRAP_WITH_TRUSTED"),
+    (Attribute.WRAP, False, "CKA_WRAP"),
+    (Attribute.UNWRAP, False, "CKA_UNWRAP"),
+)
 
 
-def _distrust(key: Any) -> str | None:
-    """None for a key Kustody would have generated, else which attribute says otherwise.
+def _is_extractable(key: Any) -> bool:
+    try:
+        return bool(key[Attribute.EXTRACTABLE])
+    except (p11.AttributeTypeInvalid, p11.AttributeSensitive):
+        return True  # unreadable: judged by the stricter rules
 
-    Reads only public attributes (never CKA_VALUE); the text names attributes and their
-    required values, nothing about the key's material."""
-    for attribute, want, name in _TRUSTED:
+
+def _distrust(key: Any, *, escrow: bool = False, recovered: bool = False) -> str | None:
+    """None for a key Kustody would have made, else which attribute says otherwise.
+
+    A never-extractable key must be what Kustody generates (``_TRUSTED``). An extractable one
+    is accepted only for a version created for escrow (``escrow``: a kustody-escrow record)
+    and then only with exactly the escrow attributes (``_ESCROWABLE``, or ``_RECOVERED`` for
+    a key unwrapped from an escrow package). Reads only public attributes (never CKA_VALUE);
+    the text names attributes and their required values, nothing about the key's material."""
+    rules: tuple[tuple[Attribute, Any, str], ...]
+    if escrow and recovered:
+        rules = _RECOVERED
+    elif escrow and _is_extractable(key):
+        rules = _ESCROWABLE
+    else:
+        rules = _TRUSTED
+    for attribute, want, name in rules:
         try:
             value = key[attribute]
         except (p11.AttributeTypeInvalid, p11.AttributeSensitive):
@@ -209,6 +259,8 @@ class KekStore:
             schedules = self._schedules(None)
             fingerprints = self._records(FINGERPRINT_APPLICATION, None)
             disabled = self._records(DISABLED_APPLICATION, None)
+            escrowed = self._records(ESCROW_APPLICATION, None)
+            recovered = self._records(RECOVERED_APPLICATION, None)
             for key in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
                 ref = parse_label(key.label)
                 if ref is None or bytes(key.id) != ref.object_id:
@@ -216,8 +268,10 @@ class KekStore:
                 scheduled = _latest(schedules.get(ref.label, []))
                 state = _state_of(key, scheduled, disabled=ref.label in disabled)
                 fingerprint = self._fingerprint(ref, key, fingerprints.get(ref.label, []))
-                info = VersionInfo(ref, state, fingerprint)
-                rings.setdefault(ref.key_ring, {})[ref.version] = _Record(info, key, _distrust(key))
+                marks = {"escrow": ref.label in escrowed, "recovered": ref.label in recovered}
+                untrusted = _distrust(key, **marks)
+                info = VersionInfo(ref, state, fingerprint, _escrowable(key, untrusted, **marks))
+                rings.setdefault(ref.key_ring, {})[ref.version] = _Record(info, key, untrusted)
             tombstones = self._session.get_objects(
                 {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: TOMBSTONE_APPLICATION}
             )
@@ -357,8 +411,11 @@ class KekStore:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def create(self, ref: KeyVersionRef) -> VersionInfo:
-        """Create the version's KEK unless the token already has it (idempotent)."""
+    def create(self, ref: KeyVersionRef, *, escrow: bool = False) -> VersionInfo:
+        """Create the version's KEK unless the token already has it (idempotent). ``escrow``:
+        for an escrowed KeyRing, extractable only under keys the Security Officer trusts
+        (the kustody-escrow record is written first, so an interrupted creation never leaves
+        an extractable key without it). An existing version keeps what it was created as."""
         thread.assert_on_thread()
         # An empty search on a vanished token looks like "no such key": check it answers.
         self._token.probe()
@@ -378,6 +435,19 @@ class KekStore:
                     Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed; use a new version"
                 )
             key = self._find_key(ref)
+            if key is None and escrow:
+                if not self._records(ESCROW_APPLICATION, ref):
+                    self._write_record(ESCROW_APPLICATION, ref, b"escrow")
+                key = self._session.generate_key(
+                    KeyType.AES,
+                    256,
+                    id=ref.object_id,
+                    label=ref.label,
+                    store=True,
+                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    template=KEK_TEMPLATE_ESCROW,
+                )
+                log.info("created KEK version %s (escrowable)", ref)
             if key is None:
                 key = self._session.generate_key(
                     KeyType.AES,
@@ -401,7 +471,11 @@ class KekStore:
                     },
                 )
                 log.info("created KEK version %s", ref)
-            untrusted = _distrust(key)
+            marks = {
+                "escrow": bool(self._records(ESCROW_APPLICATION, ref)),
+                "recovered": bool(self._records(RECOVERED_APPLICATION, ref)),
+            }
+            untrusted = _distrust(key, **marks)
             scheduled = _latest(self._schedules(ref).get(ref.label, []))
             disabled = bool(self._records(DISABLED_APPLICATION, ref))
             fingerprints = self._records(FINGERPRINT_APPLICATION, ref).get(ref.label, [])
@@ -409,6 +483,7 @@ class KekStore:
                 ref,
                 _state_of(key, scheduled, disabled=disabled),
                 self._fingerprint(ref, key, fingerprints),
+                _escrowable(key, untrusted, **marks),
             )
         self._rings.setdefault(ref.key_ring, {})[ref.version] = _Record(info, key, untrusted)
         self._publish()
@@ -469,8 +544,12 @@ class KekStore:
             # when it is fetched, so fetch it again after changing them.
             rec.key = self._find_key(ref) or rec.key
             actual = _state_of(rec.key, _latest(records), disabled=bool(marks))
-            rec.untrusted = _distrust(rec.key)
-        rec.info = VersionInfo(ref, actual, rec.info.fingerprint)
+            rec.untrusted = _distrust(
+                rec.key,
+                escrow=bool(self._records(ESCROW_APPLICATION, ref)),
+                recovered=bool(self._records(RECOVERED_APPLICATION, ref)),
+            )
+        rec.info = VersionInfo(ref, actual, rec.info.fingerprint, rec.info.escrowable)
         self._publish()
         if actual is not state:
             raise HsmError(Reason.INTERNAL, f"the token did not record {ref} as {state}")
@@ -539,6 +618,25 @@ class KekStore:
     # (and DEKs) for the whole batch come from one C_GenerateRandom (random), split into
     # disjoint slices, so every seal still gets its own 12 fresh bytes from the token RNG.
 
+    # -- escrow ----------------------------------------------------------------------------
+
+    def export_escrow(self, ref: KeyVersionRef, agent_fingerprint: str) -> tuple[bytes, str]:
+        """The version wrapped by the token under an escrow agent's key (and its check
+        value). The token refuses an agent key the Security Officer did not admit and a
+        version not created for escrow; a version Kustody does not trust is not touched."""
+        thread.assert_on_thread()
+        rec = self._trusted(self._record(ref))
+        if rec.key is None or rec.info.state is VersionState.DESTROYED:
+            raise HsmError(Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed")
+        with _pkcs11_errors(f"escrow export of KEK version {ref}"):
+            wrapped = wrap_for_agent(self._session, rec.key, ref, agent_fingerprint)
+        return wrapped, rec.info.fingerprint
+
+    def agent_admitted(self, agent_fingerprint: str) -> bool:
+        thread.assert_on_thread()
+        with _pkcs11_errors("looking up an escrow agent key"):
+            return agent_admitted(self._session, agent_fingerprint)
+
     def random(self, nbytes: int) -> bytes:
         """``nbytes`` from the token RNG (one C_GenerateRandom)."""
         with _pkcs11_errors("reading the token RNG"):
@@ -594,6 +692,12 @@ class KekStore:
         key = self._usable_key(ref)
         nonce = self.random(self.nonce_bytes) if self.nonce_bytes else b""
         return self.encrypt(key, ref, plaintext, nonce, aad)
+
+
+def _escrowable(key: Any, untrusted: str | None, *, escrow: bool, recovered: bool) -> bool:
+    """Whether a trusted version can be escrowed (it was created, or recovered, for escrow and
+    is still extractable under trusted keys)."""
+    return untrusted is None and escrow and _is_extractable(key)
 
 
 def _latest(records: list[Any]) -> float | None:

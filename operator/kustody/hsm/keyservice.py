@@ -21,6 +21,7 @@ who may see plaintext) before calling it.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -93,6 +94,13 @@ def check_batch(count: int) -> None:
     if count > MAX_BATCH_ITEMS:
         raise HsmError(
             Reason.REQUEST_TOO_LARGE, f"{count} items in one batch; the limit is {MAX_BATCH_ITEMS}"
+        )
+
+
+def _check_agent(fingerprint: str) -> None:
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint):
+        raise HsmError(
+            Reason.INVALID_ARGUMENT, "an escrow agent fingerprint is 'sha256:' and 64 hex digits"
         )
 
 
@@ -262,9 +270,27 @@ class KeyService:
 
     # -- versions ----------------------------------------------------------------------------
 
-    async def create_key_version(self, key_ring: str, version: int) -> VersionInfo:
+    async def create_key_version(
+        self, key_ring: str, version: int, *, escrow: bool = False
+    ) -> VersionInfo:
         ref = _ref(key_ring, version)
-        return info_from_wire(await self.connection.request(Op.CREATE, (ref.key_ring, ref.version)))
+        args = (ref.key_ring, ref.version, escrow)
+        return info_from_wire(await self.connection.request(Op.CREATE, args))
+
+    async def export_escrow(
+        self, key_ring: str, version: int, agent_fingerprint: str
+    ) -> tuple[bytes, str]:
+        """(wrapped KEK, check value): the version wrapped by the token under the agent's key."""
+        ref = _ref(key_ring, version)
+        _check_agent(agent_fingerprint)
+        wrapped, check_value = await self.connection.request(
+            Op.EXPORT_ESCROW, (ref.key_ring, ref.version, agent_fingerprint)
+        )
+        return bytes(wrapped), str(check_value)
+
+    async def escrow_agent_admitted(self, agent_fingerprint: str) -> bool:
+        _check_agent(agent_fingerprint)
+        return bool(await self.connection.request(Op.AGENT, (agent_fingerprint,)))
 
     async def set_version_state(
         self, key_ring: str, version: int, state: VersionState

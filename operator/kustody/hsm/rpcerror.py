@@ -37,6 +37,8 @@ CODES: dict[Reason, grpc.StatusCode] = {
     Reason.TOKEN_LOST: grpc.StatusCode.UNAVAILABLE,
     Reason.WORKER_LOST: grpc.StatusCode.UNAVAILABLE,
     Reason.TOKEN_INCOMPATIBLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.ESCROW_AGENT_NOT_ADMITTED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.VERSION_NOT_ESCROWABLE: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

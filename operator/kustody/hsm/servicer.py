@@ -23,7 +23,8 @@ from typing import Generic, TypeVar
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError
-from kustody.domain.keyversion import VersionInfo, VersionState
+from kustody.domain.escrow import MECHANISM as ESCROW_MECHANISM
+from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
 from kustody.hsm import audit
 from kustody.hsm._proto import keyservice_pb2 as pb
 from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
@@ -56,7 +57,9 @@ _FROM_PB_STATE = {
     pb.DESTROY_SCHEDULED: VersionState.DESTROY_SCHEDULED,
 }
 # Always audited, whoever calls and however it ends.
-_AUDITED = frozenset({"CreateKeyVersion", "SetVersionState", "DestroyVersion", "Decrypt"})
+_AUDITED = frozenset(
+    {"CreateKeyVersion", "SetVersionState", "DestroyVersion", "Decrypt", "ExportEscrow"}
+)
 # Refusals by policy: audited on every RPC.
 _REFUSALS = frozenset(
     str(r)
@@ -66,6 +69,8 @@ _REFUSALS = frozenset(
         Reason.KEY_NOT_TRUSTED,
         Reason.DESTRUCTION_NOT_DUE,
         Reason.VERSION_NOT_DISABLED,
+        Reason.ESCROW_AGENT_NOT_ADMITTED,
+        Reason.VERSION_NOT_ESCROWABLE,
     )
 )
 _MAX_RINGS_NOTED = 8
@@ -79,6 +84,7 @@ class _Note:
     version: int = 0
     items: int = 0
     plaintext: bool = False  # the call asked for plaintext
+    agent: str = ""  # the escrow agent's fingerprint (ExportEscrow)
 
     def rings(self, names: Iterator[str]) -> None:
         distinct = sorted(set(names))
@@ -101,6 +107,7 @@ def version_pb(info: VersionInfo) -> pb.KeyVersion:
         version=info.ref.version,
         state=_STATES[info.state],
         fingerprint=info.fingerprint,
+        escrowable=info.escrowable,
     )
 
 
@@ -229,6 +236,7 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
                         version=note.version,
                         items=note.items,
                         outcome=outcome,
+                        agent=note.agent,
                     )
 
         return await observed(self._metrics, op, context, run)
@@ -237,7 +245,9 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.CreateKeyVersionRequest, context: Context
     ) -> pb.KeyVersion:
         async def work(caller: Caller, note: _Note) -> pb.KeyVersion:
-            info = await self._service.create_key_version(request.key_ring, request.version)
+            info = await self._service.create_key_version(
+                request.key_ring, request.version, escrow=request.escrow
+            )
             return version_pb(info)
 
         note = _Note(request.key_ring, request.version)
@@ -400,6 +410,37 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
             )
 
         return await self._call("DescribeKey", context, work, _Note(request.key_ring))
+
+    async def ExportEscrow(
+        self, request: pb.ExportEscrowRequest, context: Context
+    ) -> pb.EscrowPackage:
+        async def work(caller: Caller, note: _Note) -> pb.EscrowPackage:
+            ref = KeyVersionRef(request.key_ring, request.version)
+            wrapped, check_value = await self._service.export_escrow(
+                request.key_ring, request.version, request.agent_fingerprint
+            )
+            return pb.EscrowPackage(
+                key_ring=ref.key_ring,
+                version=ref.version,
+                agent_fingerprint=request.agent_fingerprint,
+                label=ref.label,
+                object_id=ref.object_id,
+                check_value=check_value,
+                mechanism=ESCROW_MECHANISM,
+                wrapped=wrapped,
+            )
+
+        note = _Note(request.key_ring, request.version, agent=request.agent_fingerprint)
+        return await self._call("ExportEscrow", context, work, note)
+
+    async def DescribeEscrowAgent(
+        self, request: pb.DescribeEscrowAgentRequest, context: Context
+    ) -> pb.EscrowAgentStatus:
+        async def work(caller: Caller, note: _Note) -> pb.EscrowAgentStatus:
+            admitted = await self._service.escrow_agent_admitted(request.agent_fingerprint)
+            return pb.EscrowAgentStatus(admitted=admitted)
+
+        return await self._call("DescribeEscrowAgent", context, work)
 
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         async def work(caller: Caller, note: _Note) -> pb.HealthResponse:

@@ -52,10 +52,12 @@ class Op(enum.IntEnum):
     REWRAP = 9  # ((ring, version, nonce, sealed, binding, to_version | None), ...) -> items
     SEAL = 10  # (ring, version | None, plaintext) -> (info, nonce, sealed), bound to the KMS key_id
     RESCAN = 11  # () -> None: forget cached handles and rescan the token (as a restart would)
+    EXPORT_ESCROW = 12  # (ring, version, agent fingerprint) -> (wrapped bytes, check value)
+    AGENT = 13  # (agent fingerprint,) -> bool: the token holds it as a trusted wrapping key
 
 
 # info on the wire: (ring, version, state, fingerprint)
-WireInfo = tuple[str, int, str, str]
+WireInfo = tuple[str, int, str, str, bool]
 # health on the wire: (serving, reason or "", message)
 WireHealth = tuple[bool, str, str]
 

@@ -71,7 +71,13 @@ _NOT_YET = Health(False, Reason.TOKEN_UNAVAILABLE, "not connected to the token y
 
 
 def info_wire(info: VersionInfo) -> wire.WireInfo:
-    return (info.ref.key_ring, info.ref.version, str(info.state), info.fingerprint)
+    return (
+        info.ref.key_ring,
+        info.ref.version,
+        str(info.state),
+        info.fingerprint,
+        info.escrowable,
+    )
 
 
 class Token:
@@ -344,8 +350,13 @@ def _dispatch(token: Token, op: int, args: Any) -> Any:
     if op == wire.Op.DESCRIBE:
         return token.run(lambda s: _describe(s, args[0]))
     if op == wire.Op.CREATE:
-        ref = KeyVersionRef(*args)
-        return token.run(lambda s: info_wire(s.create(ref)))
+        ref, escrow = KeyVersionRef(args[0], args[1]), bool(args[2:] and args[2])
+        return token.run(lambda s: info_wire(s.create(ref, escrow=escrow)))
+    if op == wire.Op.EXPORT_ESCROW:
+        ref, agent = KeyVersionRef(args[0], args[1]), str(args[2])
+        return token.run(lambda s: s.export_escrow(ref, agent))
+    if op == wire.Op.AGENT:
+        return token.run(lambda s: s.agent_admitted(str(args[0])))
     if op == wire.Op.SET_STATE:
         ref, state = KeyVersionRef(args[0], args[1]), VersionState(args[2])
         return token.run(lambda s: info_wire(s.set_state(ref, state)))

@@ -31,6 +31,7 @@ class Resource:
 KEYRINGS = Resource(GROUP, VERSION, "keyrings", "KeyRing", namespaced=False)
 DATAKEYS = Resource(GROUP, VERSION, "datakeys", "DataKey", namespaced=True)
 ROTATION_POLICIES = Resource(GROUP, VERSION, "rotationpolicies", "RotationPolicy", False)
+ESCROW_AGENTS = Resource(GROUP, VERSION, "escrowagents", "EscrowAgent", namespaced=False)
 SECRETS = Resource("", "v1", "secrets", "Secret", namespaced=True)
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 EVENTS = Resource("", "v1", "events", "Event", namespaced=True)
