@@ -395,13 +395,6 @@ def test_watch_410_after_compaction_relists_and_misses_nothing(
         print(f"compacted etcd at revision {compacted}; {len(lists)} DataKey LIST(s) after it")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in handlers/watch.py: after a relist Kopf reports only the objects that exist, "
-    "never the ones deleted while its watch was broken, so the operator keeps a deleted "
-    "DataKey in its store (metrics and KeyRing status.versions[].dataKeys count it) until "
-    "it restarts",
-)
 def test_datakey_deleted_while_the_watch_was_broken_is_forgotten(
     kube: Cluster, tmp_path: Path, make_softhsm_token: Callable[[str], SoftHSMToken]
 ) -> None:

@@ -162,3 +162,17 @@ def test_a_workload_is_restarted_only_if_it_names_the_datakey(
 ) -> None:
     annotations = {} if annotation is None else {"kustody.io/allow-rollout-restart": annotation}
     assert opted_in({"metadata": {"annotations": annotations}}, "regen") is expected
+
+
+def test_objects_a_list_no_longer_shows_are_forgotten_unless_newer() -> None:
+    """Kopf's relist after a broken watch reports no deletions: the operator prunes."""
+    rt = _runtime()
+    for name, rv in (("gone", "5"), ("kept", "6"), ("new", "20")):
+        dk = _datakey(name, uid=f"u-{name}")
+        dk["metadata"]["resourceVersion"] = rv
+        rt.datakeys.put(dk)
+    present = {("app", "kept")}
+    gone = watch.forget_vanished(rt, rt.datakeys, watch.datakey_event, present, list_version=10)
+    assert gone == 1
+    assert sorted(k[1] for k in rt.datakeys) == ["kept", "new"]  # "new" is after the LIST
+    assert len(rt.queue) == 2  # the DataKey (to forget) and its KeyRing (its references)

@@ -76,15 +76,34 @@ class OperatorConfig:
     hsm_timeout: float = 10.0
 
 
-def secret_informer(rt: Runtime) -> MetadataInformer:
-    """Secrets are watched as metadata only (their data never enters the operator)."""
+def secret_informer(rt: Runtime, relisted: asyncio.Event) -> MetadataInformer:
+    """Secrets are watched as metadata only (their data never enters the operator). Every
+    relist sets ``relisted``: after the first, a relist means the watches broke (410 Gone, an
+    API-server restart), and the other stores, whose Kopf relists report no deletions, are
+    pruned (after the first it is one harmless extra LIST)."""
+
+    def on_relist(items: Any) -> None:
+        watch.secrets_relisted(rt, items)
+        relisted.set()
+
     return MetadataInformer(
         rt.kube,
         SECRETS,
         lambda kind, obj: watch.secret_event(rt, kind, obj),
-        lambda items: watch.secrets_relisted(rt, items),
+        on_relist,
         label_selector=f"{MANAGED_BY}={MANAGER}",
     )
+
+
+async def _prune(rt: Runtime, every: float, relisted: asyncio.Event) -> None:
+    """Forget objects deleted while a watch was broken: after every watch relist, and at
+    every resync."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(relisted.wait(), every)
+        relisted.clear()
+        await asyncio.sleep(2.0)  # let the watches settle after a relist
+        await watch.prune(rt, rt.kube)
 
 
 async def _sync(rt: Runtime, secrets: MetadataInformer) -> None:
@@ -275,7 +294,8 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
                 return 0
             stopping.cancel()
         log.info("operator %s is active; syncing caches", identity)
-        secrets = secret_informer(rt)
+        relisted = asyncio.Event()
+        secrets = secret_informer(rt, relisted)
         while True:
             try:
                 await _sync(rt, secrets)
@@ -306,6 +326,7 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
                 name="kopf",
             ),
             asyncio.create_task(secrets.run(), name="secrets-watch"),
+            asyncio.create_task(_prune(rt, config.resync_seconds, relisted), name="prune"),
             asyncio.create_task(_resync(rt, config.resync_seconds), name="resync"),
             asyncio.create_task(_watch_hsm(rt, config.health_seconds), name="hsm-health"),
             *(asyncio.create_task(_worker(rt), name=f"worker-{i}") for i in range(config.workers)),

@@ -20,6 +20,11 @@ def key_of(obj: Obj) -> Key:
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
 
 
+def resource_version(obj: Obj) -> int | None:
+    """The object's resourceVersion as a number (None when it has none)."""
+    return _rv(obj)
+
+
 def _rv(obj: Obj) -> int | None:
     text = (obj.get("metadata") or {}).get("resourceVersion")
     return int(text) if isinstance(text, str) and text.isdigit() else None

@@ -8,7 +8,7 @@ latest object and decide what must be looked at again. Reconciling happens in wo
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -16,7 +16,6 @@ import kopf
 from kustody.domain.secret import LABEL_DATAKEY, LABEL_KEYRING, MANAGED_BY, MANAGER
 from kustody.handlers.runtime import (
     DATAKEY,
-    ESCROW_AGENT,
     KEYRING,
     POLICY,
     Runtime,
@@ -25,8 +24,16 @@ from kustody.handlers.runtime import (
     keyring_policy,
     matters_to_datakeys,
 )
-from kustody.handlers.store import Obj, Store, key_of
-from kustody.kube.resources import GROUP, VERSION
+from kustody.handlers.store import Key, Obj, Store, key_of, resource_version
+from kustody.kube.api import Kube
+from kustody.kube.errors import KubeError
+from kustody.kube.resources import (
+    DATAKEYS,
+    KEYRINGS,
+    NAMESPACES,
+    ROTATION_POLICIES,
+    Resource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,61 +49,110 @@ def _record(store: Store, event: Mapping[str, Any]) -> tuple[Obj | None, Obj, bo
     return previous, obj, store.put(obj)
 
 
+def keyring_event(rt: Runtime, event: Mapping[str, Any]) -> None:
+    old, obj, changed = _record(rt.keyrings, event)
+    if not changed:
+        return
+    name = obj["metadata"]["name"]
+    rt.enqueue(KEYRING, None, name)
+    if matters_to_datakeys(old, obj) or event.get("type") == "DELETED":
+        rt.enqueue_datakeys_of(name)
+    if policy := keyring_policy(obj):
+        rt.enqueue(POLICY, None, policy, delay=1.0)
+
+
+def datakey_event(rt: Runtime, event: Mapping[str, Any]) -> None:
+    _old, obj, changed = _record(rt.datakeys, event)
+    if not changed:
+        return
+    meta = obj["metadata"]
+    rt.enqueue(DATAKEY, meta.get("namespace"), meta["name"])
+    if keyring := datakey_keyring(obj):
+        rt.enqueue(KEYRING, None, keyring, delay=1.0)
+
+
+def policy_event(rt: Runtime, event: Mapping[str, Any]) -> None:
+    _old, obj, changed = _record(rt.policies, event)
+    if not changed:
+        return
+    name = obj["metadata"]["name"]
+    rt.enqueue(POLICY, None, name)
+    for kr in rt.keyrings.by_index(name):
+        rt.enqueue(KEYRING, None, kr["metadata"]["name"])
+
+
+def namespace_event(rt: Runtime, event: Mapping[str, Any]) -> None:
+    old, obj, changed = _record(rt.namespaces, event)
+    if changed and _labels(old) != _labels(obj):
+        name = obj["metadata"]["name"]
+        for dk in rt.datakeys.values():
+            if dk["metadata"].get("namespace") == name:
+                rt.enqueue(DATAKEY, name, dk["metadata"]["name"])
+        # Which namespaces a selector allows decides which references count.
+        for ring in rt.keyrings:
+            rt.enqueue(KEYRING, None, ring[1], delay=1.0)
+
+
+Handler = Callable[[Runtime, Mapping[str, Any]], None]
+
+
+def stores(rt: Runtime) -> list[tuple[Store, Resource, Handler]]:
+    """Each Kopf-watched kind: its store, its resource and its event handler."""
+    return [
+        (rt.keyrings, KEYRINGS, keyring_event),
+        (rt.datakeys, DATAKEYS, datakey_event),
+        (rt.policies, ROTATION_POLICIES, policy_event),
+        (rt.namespaces, NAMESPACES, namespace_event),
+    ]
+
+
+def forget_vanished(
+    rt: Runtime, store: Store, handler: Handler, present: set[Key], list_version: int
+) -> int:
+    """Deliver DELETED for held objects a LIST no longer shows. Kopf relists after its watch
+    broke (410 Gone, an API-server restart) but reports only the objects that exist, never
+    those deleted meanwhile; without this the operator would count them for ever. Objects
+    newer than the LIST are kept (they may have been created after it). Returns the count."""
+    gone = 0
+    for key in store:
+        obj = store.get(*key)
+        if obj is None or key in present:
+            continue
+        version = resource_version(obj)
+        if version is not None and version > list_version:
+            continue
+        handler(rt, {"type": "DELETED", "object": obj})
+        gone += 1
+    return gone
+
+
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
-    @kopf.on.event(GROUP, VERSION, "keyrings", registry=registry)
-    async def keyring_event(event: Mapping[str, Any], **_: Any) -> None:
-        old, obj, changed = _record(rt.keyrings, event)
-        if not changed:
-            return
-        name = obj["metadata"]["name"]
-        rt.enqueue(KEYRING, None, name)
-        if matters_to_datakeys(old, obj) or event.get("type") == "DELETED":
-            rt.enqueue_datakeys_of(name)
-        if policy := keyring_policy(obj):
-            rt.enqueue(POLICY, None, policy, delay=1.0)
+    for _store, res, handler in stores(rt):
+        on_event = kopf.on.event(
+            res.group, res.version, res.plural, id=f"record-{res.plural}", registry=registry
+        )
+        on_event(_bound(rt, handler))
 
-    @kopf.on.event(GROUP, VERSION, "datakeys", registry=registry)
-    async def datakey_event(event: Mapping[str, Any], **_: Any) -> None:
-        _old, obj, changed = _record(rt.datakeys, event)
-        if not changed:
-            return
-        meta = obj["metadata"]
-        rt.enqueue(DATAKEY, meta.get("namespace"), meta["name"])
-        if keyring := datakey_keyring(obj):
-            rt.enqueue(KEYRING, None, keyring, delay=1.0)
 
-    @kopf.on.event(GROUP, VERSION, "rotationpolicies", registry=registry)
-    async def policy_event(event: Mapping[str, Any], **_: Any) -> None:
-        _old, obj, changed = _record(rt.policies, event)
-        if not changed:
-            return
-        name = obj["metadata"]["name"]
-        rt.enqueue(POLICY, None, name)
-        for kr in rt.keyrings.by_index(name):
-            rt.enqueue(KEYRING, None, kr["metadata"]["name"])
+def _bound(rt: Runtime, handler: Handler) -> Callable[..., Awaitable[None]]:
+    async def on_event(event: Mapping[str, Any], **_: Any) -> None:
+        handler(rt, event)
 
-    @kopf.on.event(GROUP, VERSION, "escrowagents", registry=registry)
-    async def escrow_agent_event(event: Mapping[str, Any], **_: Any) -> None:
-        _old, obj, changed = _record(rt.escrow_agents, event)
-        if not changed:
-            return
-        name = obj["metadata"]["name"]
-        rt.enqueue(ESCROW_AGENT, None, name)
-        for kr in rt.keyrings.values():
-            if name in ((kr.get("spec") or {}).get("escrow") or {}).get("agents", ()):
-                rt.enqueue(KEYRING, None, kr["metadata"]["name"], delay=1.0)
+    return on_event
 
-    @kopf.on.event("", "v1", "namespaces", registry=registry)
-    async def namespace_event(event: Mapping[str, Any], **_: Any) -> None:
-        old, obj, changed = _record(rt.namespaces, event)
-        if changed and _labels(old) != _labels(obj):
-            name = obj["metadata"]["name"]
-            for dk in rt.datakeys.values():
-                if dk["metadata"].get("namespace") == name:
-                    rt.enqueue(DATAKEY, name, dk["metadata"]["name"])
-            # Which namespaces a selector allows decides which references count.
-            for ring in rt.keyrings:
-                rt.enqueue(KEYRING, None, ring[1], delay=1.0)
+
+async def prune(rt: Runtime, kube: Kube) -> None:
+    """LIST each Kopf-watched kind (metadata only) and forget what is gone."""
+    for store, res, handler in stores(rt):
+        try:
+            items, version = await kube.list_metadata(res)
+        except KubeError as exc:
+            log.warning("could not list %s to prune the cache: %s", res.kind, exc)
+            continue
+        present = {key_of(i) for i in items}
+        listed = int(version) if version.isdigit() else 0
+        if gone := forget_vanished(rt, store, handler, present, listed):
+            log.info("%d %s(s) deleted while a watch was broken: forgotten", gone, res.kind)
 
 
 def secret_event(rt: Runtime, kind: str, secret: Obj) -> None:
