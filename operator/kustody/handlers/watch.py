@@ -16,6 +16,7 @@ import kopf
 from kustody.domain.secret import LABEL_DATAKEY, LABEL_KEYRING, MANAGED_BY, MANAGER
 from kustody.handlers.runtime import (
     DATAKEY,
+    ESCROW_AGENT,
     KEYRING,
     POLICY,
     Runtime,
@@ -29,6 +30,7 @@ from kustody.kube.api import Kube
 from kustody.kube.errors import KubeError
 from kustody.kube.resources import (
     DATAKEYS,
+    ESCROW_AGENTS,
     KEYRINGS,
     NAMESPACES,
     ROTATION_POLICIES,
@@ -93,6 +95,18 @@ def namespace_event(rt: Runtime, event: Mapping[str, Any]) -> None:
             rt.enqueue(KEYRING, None, ring[1], delay=1.0)
 
 
+def escrow_agent_event(rt: Runtime, event: Mapping[str, Any]) -> None:
+    _old, obj, changed = _record(rt.escrow_agents, event)
+    if not changed:
+        return
+    name = obj["metadata"]["name"]
+    rt.enqueue(ESCROW_AGENT, None, name)
+    # KeyRings that name the agent look again (its admission or jurisdiction changed).
+    for kr in rt.keyrings.values():
+        if name in ((kr.get("spec") or {}).get("escrow") or {}).get("agents", ()):
+            rt.enqueue(KEYRING, None, kr["metadata"]["name"], delay=1.0)
+
+
 Handler = Callable[[Runtime, Mapping[str, Any]], None]
 
 
@@ -103,6 +117,7 @@ def stores(rt: Runtime) -> list[tuple[Store, Resource, Handler]]:
         (rt.datakeys, DATAKEYS, datakey_event),
         (rt.policies, ROTATION_POLICIES, policy_event),
         (rt.namespaces, NAMESPACES, namespace_event),
+        (rt.escrow_agents, ESCROW_AGENTS, escrow_agent_event),
     ]
 
 
