@@ -22,7 +22,12 @@ from kustody.domain.timestamps import parse_time
 if TYPE_CHECKING:
     from kustody.kube.api import Kube
 
-CRD_NAMES = ("keyrings.kustody.io", "datakeys.kustody.io", "rotationpolicies.kustody.io")
+CRD_NAMES = (
+    "keyrings.kustody.io",
+    "datakeys.kustody.io",
+    "rotationpolicies.kustody.io",
+    "escrowagents.kustody.io",
+)
 EXPECTED_VERSION = "v1alpha1"
 
 

@@ -32,9 +32,13 @@ def _rule(group: str, resources: str, verbs: str) -> list[Permission]:
 def operator_permissions(lease_name: str = "kustody-operator") -> list[Permission]:
     """Every (group, resource, verb) the operator uses, cluster-wide unless ``namespaced``."""
     return [
-        *_rule("kustody.io", "keyrings datakeys rotationpolicies", "get list watch"),
+        *_rule("kustody.io", "keyrings datakeys rotationpolicies escrowagents", "get list watch"),
         *_rule("kustody.io", "keyrings", "patch"),
-        *_rule("kustody.io", "keyrings/status datakeys/status rotationpolicies/status", "patch"),
+        *_rule(
+            "kustody.io",
+            "keyrings/status datakeys/status rotationpolicies/status escrowagents/status",
+            "patch",
+        ),
         *_rule("kustody.io", "datakeys/finalizers", "update"),
         *_rule("", "secrets", "get list watch create patch"),
         *_rule("", "namespaces", "get list watch"),
