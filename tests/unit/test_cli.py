@@ -38,20 +38,9 @@ def _walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, str
 
 
 HELP = dict(_walk(build_parser(), "kustody"))
-# client/commands.py (another layer's file) still opens with ``kustody unwrap``: reported,
-# and strict, so this test says when it is fixed.
-_KNOWN_RST = {"kustody unwrap"}
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="RST in client/commands.py"))
-        if c in _KNOWN_RST
-        else c
-        for c in sorted(HELP)
-    ],
-)
+@pytest.mark.parametrize("command", sorted(HELP))
 def test_every_help_text_is_plain_text(command: str) -> None:
     assert not re.findall(r"``[^`]*``|:\w+:`[^`]*`", HELP[command]), HELP[command]
 

@@ -1,4 +1,4 @@
-"""``kustody unwrap`` (also ``python -m kustody.client``): for an init container.
+"""kustody unwrap (also python -m kustody.client): unwrap a DataKey for an init container.
 
 Writes the plaintext DEK to a file on a memory-backed filesystem (an ``emptyDir`` with
 ``medium: Memory``), atomically and with mode 0400, and beside it the DataKey's keyset (every

@@ -312,9 +312,11 @@ async def _converge(
             f"Secret {spec.secret_name} could not be written: {exc.message or exc.reason}",
         )
         raise
-    if restored and found is None:
+    if restored and found is None and not keys.events:
+        # Only a pass that changed no key material writes the Secret because someone else
+        # had edited it (after a re-wrap or a regeneration the new content is ours).
         await rt.events.warning(
-            obj, "SecretRestored", f"Secret {spec.secret_name} was missing or edited; restored"
+            obj, "SecretRestored", f"Secret {spec.secret_name} was edited; restored"
         )
 
     # 3. Only now, with the Secret written and its response checked, Ready. (The version is

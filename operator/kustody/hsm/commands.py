@@ -87,9 +87,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     ops = parser.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    ops.add_argument("--metrics-address", default="127.0.0.1", help="default: %(default)s")
     ops.add_argument(
-        "--health-interval", type=float, default=5.0, help="seconds between token probes"
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address the /metrics port listens on (default: %(default)s)",
+    )
+    ops.add_argument(
+        "--health-interval",
+        type=float,
+        default=5.0,
+        help="seconds between token probes (default: %(default)s)",
     )
     ops.add_argument(
         "--min-destroy-delay",
@@ -100,7 +107,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "(e.g. 24h, 720h; lower only for tests; default: %(default)s)"
         ),
     )
-    ops.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ops.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log level written (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
     commands = parser.add_subparsers(dest="hsm_command", metavar="{probe}")
     probe = commands.add_parser(

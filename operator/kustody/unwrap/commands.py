@@ -41,11 +41,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group.add_argument(
         "--kubeconfig", help="API server credentials (default: in-cluster, then $KUBECONFIG)"
     )
-    group.add_argument("--workload-audience", default="kustody", help="default: %(default)s")
     group.add_argument(
-        "--workload-rate", type=float, default=100.0, help="unwraps/s per ServiceAccount"
+        "--workload-audience",
+        default="kustody",
+        help="the audience a workload's ServiceAccount token must carry (default: %(default)s)",
     )
-    group.add_argument("--workload-burst", type=float, default=200.0, help="bucket size")
+    group.add_argument(
+        "--workload-rate",
+        type=float,
+        default=100.0,
+        help="unwraps/s per ServiceAccount (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workload-burst",
+        type=float,
+        default=200.0,
+        help="unwraps a ServiceAccount may make at once above its rate (default: %(default)s)",
+    )
     group.add_argument(
         "--workload-review-ttl",
         type=float,
@@ -66,9 +78,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="new (uncached) tokens/s one client address may have reviewed (default: %(default)s)",
     )
     group.add_argument(
-        "--workload-peer-review-burst", type=float, default=defaults.peer_burst,
-        help="default: %(default)s",
-    )  # fmt: skip
+        "--workload-peer-review-burst",
+        type=float,
+        default=defaults.peer_burst,
+        help="new tokens one client address may have reviewed at once (default: %(default)s)",
+    )
     group.add_argument(
         "--workload-review-rate",
         type=float,
@@ -76,9 +90,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="new (uncached) tokens/s reviewed in total (default: %(default)s)",
     )
     group.add_argument(
-        "--workload-review-burst", type=float, default=defaults.burst,
-        help="default: %(default)s",
-    )  # fmt: skip
+        "--workload-review-burst",
+        type=float,
+        default=defaults.burst,
+        help="new tokens reviewed at once in total (default: %(default)s)",
+    )
     group.add_argument(
         "--workload-reviews-in-flight",
         type=int,
