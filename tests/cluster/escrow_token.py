@@ -110,9 +110,12 @@ def main(argv: list[str]) -> int:
         elif action == "attributes":
             wanted = rest[0]
             found: dict[str, Any] = {}
-            for cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY):
+            for kind, cls in (
+                ("secret", ObjectClass.SECRET_KEY),
+                ("private", ObjectClass.PRIVATE_KEY),
+            ):
                 for obj in s.get_objects({Attribute.CLASS: cls, Attribute.LABEL: wanted}):
-                    found[str(cls)] = {
+                    found[kind] = {
                         "sensitive": bool(obj[Attribute.SENSITIVE]),
                         "extractable": bool(obj[Attribute.EXTRACTABLE]),
                         "wrapWithTrusted": bool(obj[Attribute.WRAP_WITH_TRUSTED]),

@@ -159,13 +159,17 @@ def stack(
     token = make_softhsm_token("escrow-main")
     sidecar = Sidecar(root / "hsm", token).start()
     operator = Operator(root / "op", plane, sidecar.socket, name="escrow-op")
+    built: Stack | None = None
     try:
         operator.start().wait_active()
         plane.kubectl("create", "namespace", NS)
-        yield Stack(plane, token, sidecar, operator, root)
+        built = Stack(plane, token, sidecar, operator, root)
+        yield built
     finally:
-        operator.stop()
-        sidecar.stop()
+        # The drill replaces the sidecar and the operator: stop whichever run now.
+        running = (built.operator, built.sidecar) if built else (operator, sidecar)
+        for proc in running:
+            proc.stop()
         planes.close()  # type: ignore[attr-defined]
 
 
@@ -398,9 +402,9 @@ def test_lost_token_drill_recovers_from_agent_a(
             assert base64.b64encode(dek).decode() not in haystack
     # The escrowed KEKs and agent A's private key are sensitive: not readable from their tokens.
     attrs = _direct(token, "attributes", f"kustody:{ring}:v2")
-    assert attrs["ObjectClass.SECRET_KEY"]["sensitive"] is True
-    assert attrs["ObjectClass.SECRET_KEY"]["value"] != "ok"
-    private_a = _direct(token_a, "attributes", "agent-a")["ObjectClass.PRIVATE_KEY"]
+    assert attrs["secret"]["sensitive"] is True
+    assert attrs["secret"]["value"] != "ok"
+    private_a = _direct(token_a, "attributes", "agent-a")["private"]
     assert private_a["sensitive"] is True
     assert private_a["extractable"] is False
     assert private_a["value"] != "ok"
@@ -415,7 +419,7 @@ def test_lost_token_drill_recovers_from_agent_a(
                    str(token_a.pin_file), *map(str, files)], token_a)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("recovered KEK version") == 2
-    recovered = _direct(token_a, "attributes", f"kustody:{ring}:v1")["ObjectClass.SECRET_KEY"]
+    recovered = _direct(token_a, "attributes", f"kustody:{ring}:v1")["secret"]
     assert recovered["sensitive"] is True
     assert recovered["value"] != "ok"
     sidecar = Sidecar(stack.root / "hsm-recovered", token_a).start()

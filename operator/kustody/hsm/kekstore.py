@@ -261,7 +261,10 @@ class KekStore:
             disabled = self._records(DISABLED_APPLICATION, None)
             escrowed = self._records(ESCROW_APPLICATION, None)
             recovered = self._records(RECOVERED_APPLICATION, None)
-            for key in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+            # A list first: no search may be active while a fingerprint is computed (AES-ECB
+            # for a key without CKA_CHECK_VALUE, e.g. one recovered from an escrow package).
+            keys = list(self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))
+            for key in keys:
                 ref = parse_label(key.label)
                 if ref is None or bytes(key.id) != ref.object_id:
                     continue
