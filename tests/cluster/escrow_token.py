@@ -4,6 +4,9 @@ Run as a child process with the token's environment (SoftHSM2 reads SOFTHSM2_CON
 
     python escrow_token.py MODULE LABEL PIN_FILE plant-untrusted PEM
         import an RSA public key as an ordinary (untrusted) wrapping key
+    python escrow_token.py MODULE LABEL PIN_FILE plant-recovered RING VERSION
+        plant an AES key of known value under a future KEK version's label, with the
+        attributes and records of a key recovered from an escrow package
     python escrow_token.py MODULE LABEL PIN_FILE try-export RING VERSION
         try every way to get KEK version RING/vVERSION out: C_WrapKey under every RSA public
         key in the token and under a fresh AES wrapping key, set CKA_EXTRACTABLE, read
@@ -59,6 +62,39 @@ def main(argv: list[str]) -> int:
                     Attribute.WRAP: True,
                 }
             )
+            print("{}")
+        elif action == "plant-recovered":
+            ring, version = rest
+            kek_label = f"kustody:{ring}:v{version}"
+            s.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.LABEL: kek_label,
+                    Attribute.ID: hashlib.sha256(kek_label.encode()).digest(),
+                    Attribute.VALUE: bytes(range(32)),  # known to the planter
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: True,
+                    Attribute.WRAP_WITH_TRUSTED: True,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                }
+            )
+            for application in ("kustody-escrow", "kustody-recovered"):
+                s.create_object(
+                    {
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.LABEL: kek_label,
+                        Attribute.APPLICATION: application,
+                        Attribute.VALUE: b"forged",
+                    }
+                )
             print("{}")
         elif action == "try-export":
             ring, version = rest

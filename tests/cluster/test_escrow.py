@@ -254,6 +254,21 @@ def test_refusals_jurisdiction_admission_token_and_non_escrowed_keys(
         return obj if [(e["version"], e["agent"]) for e in exports] == [(2, "faraway")] else None
 
     late = eventually(v2_exported, 60, "version 2 of late escrowed")
+    # A co-tenant with the user PIN pre-plants the next version of an escrowed KeyRing as a
+    # "recovered" key of a value it knows: the rotation refuses to use it.
+    _direct(token, "plant-recovered", "narrow", "2")
+    assert kustody_cli(plane, "rotate", "narrow").returncode == 0
+    planted = eventually(
+        lambda: (
+            (o := get(plane, "keyring", "narrow"))
+            and condition(o, "Ready").get("reason") == "KeyNotTrusted"
+            and o
+        ),
+        60,
+        "the planted version refused",
+    )
+    assert "unwrapped into the token" in condition(planted, "Ready")["message"]
+    assert planted["status"]["primaryVersion"] == 1
     assert "version(s) 1 " in condition(late, "Escrowed")["message"]
     escrowable_flags = [v.get("escrowable") for v in late["status"]["versions"]]
     assert escrowable_flags == [False, True]

@@ -438,6 +438,7 @@ class KekStore:
                     Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed; use a new version"
                 )
             key = self._find_key(ref)
+            existed = key is not None
             if key is None and escrow:
                 if not self._records(ESCROW_APPLICATION, ref):
                     self._write_record(ESCROW_APPLICATION, ref, b"escrow")
@@ -479,6 +480,10 @@ class KekStore:
                 "recovered": bool(self._records(RECOVERED_APPLICATION, ref)),
             }
             untrusted = _distrust(key, **marks)
+            if untrusted is None and existed and marks["recovered"]:
+                # A new version is always generated here; a key unwrapped into the token
+                # is adopted only for versions that existed before (a recovery).
+                untrusted = "it was unwrapped into the token, and a new version must be generated"
             scheduled = _latest(self._schedules(ref).get(ref.label, []))
             disabled = bool(self._records(DISABLED_APPLICATION, ref))
             fingerprints = self._records(FINGERPRINT_APPLICATION, ref).get(ref.label, [])
