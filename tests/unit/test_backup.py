@@ -85,3 +85,66 @@ def test_a_new_generation_never_repeats_an_adopted_key_id() -> None:
     ids = [g.key_id for g in after]
     assert len(set(ids)) == 3
     assert ids[-1] != clash
+
+
+# --- escrow (domain.escrow): agent keys, refusals, packages --------------------------------
+
+
+def _pem(bits: int) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def test_agent_keys_must_be_rsa_public_keys_of_at_least_3072_bits() -> None:
+    from kustody.domain.escrow import EscrowError, parse_public_key
+
+    agent = parse_public_key(_pem(3072))
+    assert agent.bits == 3072
+    assert agent.fingerprint.startswith("sha256:")
+    assert len(agent.fingerprint) == 71
+    with pytest.raises(EscrowError, match="2048 bits"):
+        parse_public_key(_pem(2048))
+    with pytest.raises(EscrowError, match="private key"):
+        parse_public_key("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(EscrowError, match="not a PEM"):
+        parse_public_key("hello")
+
+
+def test_agents_outside_the_jurisdictions_or_not_admitted_are_refused_by_name() -> None:
+    from kustody.domain.escrow import refusals
+
+    agents = {
+        "ok": {"spec": {"jurisdiction": "DE"}, "status": {"admitted": True}},
+        "far": {"spec": {"jurisdiction": "US"}, "status": {"admitted": True}},
+        "new": {"spec": {"jurisdiction": "CH"}, "status": {"admitted": False}},
+        "gone": None,
+    }
+    refused = {r.agent: r.describe() for r in refusals(list(agents), ["CH", "DE"], agents)}
+    assert set(refused) == {"far", "new", "gone"}
+    assert "(jurisdiction US)" in refused["far"]
+    assert "not in spec.escrow.allowedJurisdictions (CH, DE)" in refused["far"]
+    assert "not admitted" in refused["new"]
+    assert "does not exist" in refused["gone"]
+
+
+def test_escrow_packages_round_trip_and_are_parsed_strictly() -> None:
+    from kustody.domain.escrow import MECHANISM, EscrowError, Package
+
+    package = Package(
+        "sha256:" + "ab" * 32, "vault", 2, "kustody:vault:v2", b"\x01" * 32, "a1b2c3",
+        MECHANISM, "2026-12-02T00:00:00Z", b"\x00" * 384,
+    )  # fmt: skip
+    again = Package.from_json(package.to_json())
+    assert again == package
+    assert again.fingerprint == package.fingerprint
+    doc = json.loads(package.to_json())
+    for broken in ({**doc, "format": "x"}, {**doc, "mechanism": "CKM_RSA_PKCS"}, {"format": 1}):
+        with pytest.raises(EscrowError):
+            Package.from_json(json.dumps(broken))
