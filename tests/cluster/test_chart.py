@@ -1253,3 +1253,80 @@ def test_chart_init_step_initialises_a_real_token_without_pins_in_argv_or_env(
         env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, text=True,
     )  # fmt: skip
     assert check.stdout.strip() == "so ok", check.stderr
+
+
+def test_admission_policy_allows_escrow_packages_and_datakey_adoption_only(
+    kube: Cluster, unwrap_release: tuple[str, str], tmp_path: Path
+) -> None:
+    """Issue 12 under the chart's policies, with the operator's token: an escrow package may
+    be created, unowned, in the release namespace only, and never changed; a Secret may get
+    its DataKey's controller reference added (adoption of a restored Secret) only when it
+    names that DataKey and has no other owner."""
+    ns, full = unwrap_release
+    policy = f"{full}-operator-secrets"
+    tenant = f"adopt-{secrets.token_hex(3)}"
+    kube.kubectl("create", "namespace", tenant)
+    token = kube.kubectl("create", "token", full, "-n", ns, "--duration=1h").stdout.strip()
+    as_op = _as_token(kube, token, tmp_path / "operator")
+
+    def package(name: str, where: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kustody.io/escrow-package",
+            "metadata": {
+                "name": name,
+                "namespace": where,
+                "labels": {
+                    "app.kubernetes.io/managed-by": "kustody",
+                    "kustody.io/escrow-package": "true",
+                    "kustody.io/keyring": "payments",
+                    "kustody.io/keyring-version": "1",
+                    "kustody.io/escrow-agent": "agent-a",
+                },
+                **extra,
+            },
+            "stringData": {"package.json": "{}"},
+        }
+
+    def create(obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return as_op.kubectl("create", "-f", "-", input=json.dumps(obj), check=False)
+
+    def patch(name: str, where: str, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return as_op.kubectl(
+            "patch", "secret", name, "-n", where, "--type=merge", "-p", json.dumps(body),
+            check=False,
+        )  # fmt: skip
+
+    _eventually(
+        lambda: _forbidden_by_policy(create(package("p0", tenant)), policy), 30, "the policy"
+    )
+    owned = package("p1", ns, ownerReferences=[DATAKEY_OWNER])
+    assert _forbidden_by_policy(create(owned), policy)
+    made = create(package("p2", ns))
+    assert made.returncode == 0, made.stderr
+    assert _forbidden_by_policy(patch("p2", ns, {"metadata": {"labels": {"x": "y"}}}), policy)
+
+    # A restored Secret (no owner) of DataKey ledger: adoptable by ledger, by nothing else.
+    restored = _kustody_secret("ledger-dek", tenant, owners=[])
+    kube.kubectl("create", "-f", "-", input=json.dumps(restored))
+    other = {**DATAKEY_OWNER, "name": "other"}
+    assert _forbidden_by_policy(
+        patch("ledger-dek", tenant, {"metadata": {"ownerReferences": [other]}}), policy
+    )
+    adopted = patch("ledger-dek", tenant, {"metadata": {"ownerReferences": [DATAKEY_OWNER]}})
+    assert adopted.returncode == 0, adopted.stderr
+    # A Secret owned by something else is never taken over.
+    foreign = _kustody_secret("web-dek", tenant, owners=[])
+    foreign["metadata"]["labels"]["kustody.io/datakey"] = "web"
+    kube.kubectl("-n", tenant, "create", "configmap", "web")
+    uid = kube.kubectl("-n", tenant, "get", "configmap", "web", "-o", "jsonpath={.metadata.uid}")
+    foreign["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "web", "uid": uid.stdout.strip()}
+    ]
+    kube.kubectl("create", "-f", "-", input=json.dumps(foreign))
+    web_owner = {**DATAKEY_OWNER, "name": "web"}
+    assert _forbidden_by_policy(
+        patch("web-dek", tenant, {"metadata": {"ownerReferences": [web_owner]}}), policy
+    )
+    kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
