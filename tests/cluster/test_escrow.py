@@ -27,6 +27,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kustody.client import UnwrapClient
 from kustody.client.keyset import Keyset
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Operator, Sidecar
@@ -274,6 +276,38 @@ def test_refusals_jurisdiction_admission_token_and_non_escrowed_keys(
     assert escrowable_flags == [False, True]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pki(directory: Path) -> dict[str, Path]:
+    """A CA the workload trusts and the unwrap service's serving certificate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from test_unwrap import _cert
+
+    directory.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("kustody-unwrap-ca", ca_key, None, ca_key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert("kustody-unwrap", key, ca, ca_key)
+    pem = serialization.Encoding.PEM
+    paths = {
+        "ca": directory / "ca.crt",
+        "cert": directory / "tls.crt",
+        "key": directory / "tls.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["cert"].write_bytes(cert.public_bytes(pem))
+    paths["key"].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
 def _items(plane: Cluster, kind: str, ns: str = NS) -> list[dict[str, Any]]:
     items = json.loads(plane.kubectl("get", kind, "-n", ns, "-o", "json").stdout)["items"]
     return [i for i in items if kind != "secrets" or i.get("type") == "kustody.io/wrapped-key"]
@@ -316,12 +350,17 @@ def test_lost_token_drill_recovers_from_agent_a(
         _agent("agent-b", pem_b, "CH"),
         _keyring(ring, {"agents": ["agent-a", "agent-b"], "allowedJurisdictions": ["CH", "DE"]}),
     ]
+    plane.kubectl("create", "serviceaccount", "app", "-n", NS)
     docs += [
         {
             "apiVersion": "kustody.io/v1alpha1",
             "kind": "DataKey",
             "metadata": {"name": f"dk-{i:02d}", "namespace": NS},
-            "spec": {"keyRingRef": {"name": ring}, "secretName": f"dk-{i:02d}"},
+            "spec": {
+                "keyRingRef": {"name": ring},
+                "secretName": f"dk-{i:02d}",
+                "consumers": ["app"],
+            },
         }
         for i in range(n)
     ]
@@ -437,7 +476,15 @@ def test_lost_token_drill_recovers_from_agent_a(
     recovered = _direct(token_a, "attributes", f"kustody:{ring}:v1")["secret"]
     assert recovered["sensitive"] is True
     assert recovered["value"] != "ok"
-    sidecar = Sidecar(stack.root / "hsm-recovered", token_a).start()
+    pki = _pki(tmp_path / "pki")
+    sidecar = Sidecar(
+        stack.root / "hsm-recovered",
+        token_a,
+        workload_listen=f"127.0.0.1:{_free_port()}",
+        workload_tls_cert=pki["cert"],
+        workload_tls_key=pki["key"],
+        kubeconfig=plane.kubeconfig,
+    ).start()
     operator = Operator(stack.root / "op-recovered", plane, sidecar.socket, name="escrow-op")
     stack.sidecar, stack.operator = sidecar, operator
     operator.start().wait_active()
@@ -462,6 +509,22 @@ def test_lost_token_drill_recovers_from_agent_a(
     assert _deks(sidecar.socket, list(secrets_after.values())) == deks_before
     assert keyset.decrypt(record) == record_plain
     assert all(ready(d) for d in _items(plane, "datakeys"))
+
+    # The workload's own unwrap (its ServiceAccount token, the sidecar's workload service)
+    # gets the keyset back from the recovered token, and reads the record written before.
+    token_file = tmp_path / "sa-token"
+    token_file.write_text(
+        plane.kubectl("create", "token", "app", "-n", NS, "--audience", "kustody").stdout.strip()
+    )
+    mounted = tmp_path / "dk-07-secret"
+    mounted.mkdir()
+    for key, value in secrets_after["dk-07"]["data"].items():
+        (mounted / key).write_bytes(base64.b64decode(value))
+    assert sidecar.workload_listen is not None
+    client = UnwrapClient(sidecar.workload_listen, ca_file=pki["ca"], token_file=token_file)
+    unwrapped = client.unwrap_keyset(mounted)
+    assert unwrapped is not None
+    assert Keyset.from_json(unwrapped).decrypt(record) == record_plain
 
     # And new key material can still be made (the recovered KEK wraps a new generation).
     plane.kubectl("annotate", "datakey", "dk-07", "-n", NS, "--overwrite",
