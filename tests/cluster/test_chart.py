@@ -1330,3 +1330,50 @@ def test_admission_policy_allows_escrow_packages_and_datakey_adoption_only(
         patch("web-dek", tenant, {"metadata": {"ownerReferences": [web_owner]}}), policy
     )
     kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
+
+
+def test_escrow_admission_job_alone_sees_the_so_pin(kube: Cluster, tmp_path: Path) -> None:
+    """Issue 12: the admission ceremony as a one-shot Job. Only its container mounts the SO PIN
+    (as a file, never env or argv); the Deployment's containers still see only the user PIN;
+    the Job is accepted by the API server; a Job without public keys is refused at render."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    values = tmp_path / "escrow.yaml"
+    values.write_text(yaml.safe_dump({"escrow": {"admit": {
+        "enabled": True, "publicKeys": {"agent-a": pem}}}}))  # fmt: skip
+    docs = _render(kube, "-f", str(values))
+    job = _one(docs, "Job")
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert "so-pin" not in json.dumps(container.get("env", []))
+    assert "--so-pin-file" in " ".join(container["args"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["so-pin"]["secret"]["items"] == [{"key": "so-pin", "path": "so-pin"}]
+    assert spec["automountServiceAccountToken"] is False
+    deployment = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    for name, c in _containers(deployment).items():
+        if name != "init-token":
+            mounted = {m["name"] for m in c.get("volumeMounts", [])}
+            assert "token-init-pins" not in mounted, name
+    pin_volume = {v["name"]: v for v in deployment["volumes"]}["pin"]
+    assert pin_volume["secret"]["items"] == [{"key": "user-pin", "path": "user-pin"}]
+    agents = _one(docs, "ConfigMap", "kustody-escrow-agents")
+    assert agents["data"] == {"agent-a.pem": pem}
+    kube.kubectl("create", "namespace", "kustody-system", check=False)
+    accepted = kube.kubectl(
+        "apply", "--dry-run=server", "-n", "kustody-system", "-f", "-",
+        input=yaml.safe_dump_all([job, agents]), check=False,
+    )  # fmt: skip
+    assert accepted.returncode == 0, accepted.stderr
+    refused = kube.helm(
+        "template", "k", str(CHART), "--set", "escrow.admit.enabled=true", check=False
+    )
+    assert refused.returncode != 0
+    assert "publicKeys" in refused.stderr
