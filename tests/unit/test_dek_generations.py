@@ -204,3 +204,15 @@ def test_the_generations_report_follows_its_schema_and_shows_key_ids_in_hex() ->
     table = _table(report, wide=True)
     assert table.splitlines()[0].split()[:3] == ["GENERATION", "KEY", "ID"]
     assert "Primary" in table.splitlines()[2]
+
+
+def test_the_work_queue_depth_is_a_metric() -> None:
+    from kustody.handlers.metrics import OperatorMetrics
+    from prometheus_client import generate_latest
+
+    metrics = OperatorMetrics()
+    depth = [3]
+    metrics.watch_queue(lambda: depth[0])
+    assert "kustody_workqueue_depth 3.0" in generate_latest(metrics.registry).decode()
+    depth[0] = 0
+    assert "kustody_workqueue_depth 0.0" in generate_latest(metrics.registry).decode()

@@ -26,6 +26,18 @@ from kustody.handlers.store import Store
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class _QueueCollector(Collector):
+    def __init__(self, depth: Callable[[], int]) -> None:
+        self._depth = depth
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "kustody_workqueue_depth",
+            "Objects waiting to be reconciled (one entry per object at most)",
+            value=float(self._depth()),
+        )
+
+
 class _ObjectCollector(Collector):
     def __init__(self, keyrings: Store, datakeys: Store, clock: Callable[[], dt.datetime]) -> None:
         self._keyrings = keyrings
@@ -173,6 +185,11 @@ class OperatorMetrics:
         self, keyrings: Store, datakeys: Store, clock: Callable[[], dt.datetime]
     ) -> None:
         self.registry.register(_ObjectCollector(keyrings, datakeys, clock))
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        """``kustody_workqueue_depth``: objects waiting to be reconciled (at most one entry
+        per object, so it is bounded by the number of objects)."""
+        self.registry.register(_QueueCollector(depth))
 
     def observe_kube(self, verb: str, kind: str, code: int, _seconds: float) -> None:
         self.kube_requests.labels(verb, kind, str(code)).inc()

@@ -279,6 +279,7 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
     )
     rt = Runtime(kube, hsm, EventRecorder(kube), metrics, namespace=config.namespace)
     metrics.watch_objects(rt.keyrings, rt.datakeys, rt.clock)
+    metrics.watch_queue(lambda: len(rt.queue))
     server = (
         metrics.serve(config.metrics_port, config.metrics_address) if config.metrics_port else None
     )

@@ -65,6 +65,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
+def _pool_fits(api_client: Any, threads: int) -> None:
+    """One pooled connection per request thread: with fewer, connections beyond the pool are
+    opened and dropped again under load ("Connection pool is full, discarding connection")."""
+    pool = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
+    if pool is not None and int(pool.connection_pool_kw.get("maxsize") or 1) < threads:
+        pool.connection_pool_kw["maxsize"] = threads
+        pool.clear()
+
+
 def _no_hidden_waits(api_client: Any) -> None:
     """urllib3 by default answers a 429/503 with Retry-After itself for idempotent verbs:
     it sleeps and sends again, unseen (not counted, not shared with the other threads).
@@ -103,6 +112,7 @@ class Kube:
 
     def __init__(self, api_client: Any, *, workers: int = 16, observe: Observer | None = None):
         self._api = api_client
+        _pool_fits(api_client, workers)
         _no_hidden_waits(api_client)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
         self._observe = observe
