@@ -30,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,9 @@ def stack(
     plane = next(planes)
     token = make_softhsm_token("escrow-main")
     sidecar = Sidecar(root / "hsm", token).start()
-    operator = Operator(root / "op", plane, sidecar.socket, name="escrow-op")
+    operator = Operator(
+        root / "op", plane, sidecar.socket, name="escrow-op", metrics_port=_free_port()
+    )
     built: Stack | None = None
     try:
         operator.start().wait_active()
@@ -308,6 +311,30 @@ def _pki(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def _exported_events(plane: Cluster, ring: str) -> int:
+    out = plane.kubectl(
+        "get", "events", "-o", "json", "--field-selector", f"involvedObject.name={ring}"
+    ).stdout
+    items = json.loads(out)["items"]
+    return sum(int(e.get("count") or 1) for e in items if e["reason"] == "EscrowExported")
+
+
+def _audit(sidecar: Sidecar, ring: str) -> list[dict[str, Any]]:
+    marker = "kustody.hsm.audit: "
+    lines = sidecar.proc.logfile.read_text(errors="replace").splitlines()
+    records = [json.loads(line.split(marker, 1)[1]) for line in lines if marker in line]
+    return [r for r in records if r["rpc"] == "ExportEscrow" and r["key_ring"] == ring]
+
+
+def _metric(operator: Operator, series: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as reply:
+        text = reply.read().decode()
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)
+    ]
+    return values[0] if values else 0.0
+
+
 def _items(plane: Cluster, kind: str, ns: str = NS) -> list[dict[str, Any]]:
     items = json.loads(plane.kubectl("get", kind, "-n", ns, "-o", "json").stdout)["items"]
     return [i for i in items if kind != "secrets" or i.get("type") == "kustody.io/wrapped-key"]
@@ -409,6 +436,18 @@ def test_lost_token_drill_recovers_from_agent_a(
     )
     record = keyset.encrypt(record_plain)
 
+    # Every export is recorded: Events, the sidecar's audit lines (with the agent), the metric.
+    fps = {parse_public_key(pem_a).fingerprint, parse_public_key(pem_b).fingerprint}
+    assert {e["agentFingerprint"] for e in exports} == fps
+    assert _exported_events(plane, ring) == 4
+    audit = _audit(stack.sidecar, ring)
+    assert sorted((a["version"], a["outcome"]) for a in audit) == [
+        (1, "ok"), (1, "ok"), (2, "ok"), (2, "ok"),
+    ]  # fmt: skip
+    assert {a["agent"] for a in audit} == fps
+    exported_metric = _metric(stack.operator, 'kustody_escrow_exports_total{outcome="exported"}')
+    assert exported_metric >= 4
+
     # Re-export is idempotent: another pass makes no new package.
     rv = {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in _packages(plane, ring)}
     plane.kubectl("annotate", "keyring", ring, "--overwrite", "drill/poke=1")
@@ -420,6 +459,11 @@ def test_lost_token_drill_recovers_from_agent_a(
     assert after_poke["status"]["escrowExports"] == exports
     assert {s["metadata"]["name"]: s["metadata"]["resourceVersion"]
             for s in _packages(plane, ring)} == rv  # fmt: skip
+    assert _exported_events(plane, ring) == 4
+    assert len(_audit(stack.sidecar, ring)) == 4
+    assert _metric(stack.operator, 'kustody_escrow_exports_total{outcome="exported"}') == (
+        exported_metric
+    )
 
     # Hand-over: agent A's packages to files.
     pkgdir = tmp_path / "packages-a"
