@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,16 @@ def _remote(directory: Path, token: DevToken, pki: Pki, *args: str) -> tuple[Sid
         "--client-roles", str(pki.roles_file()),
         *args,
     )  # fmt: skip
+    # start_process waits for the unix socket; the TCP listener may come a moment later.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.process.poll() is not None:
+                break  # the test's own assertions say what went wrong
+            time.sleep(0.05)
     return proc, f"127.0.0.1:{port}"
 
 
