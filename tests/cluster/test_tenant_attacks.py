@@ -124,7 +124,7 @@ def test_forged_labels_do_not_hold_off_retirement_or_destruction(
             and o["status"]["versions"][0]["state"] == "DestroyScheduled"
             and o
         ),
-        60,
+        120,  # generous: a busy 2-core machine; correctness, not speed, is asserted
         "v1 to retire on time despite the forged Secrets",
     )
     assert kr["status"]["versions"][0]["dataKeys"] == 0
