@@ -293,7 +293,9 @@ def test_doctor_on_a_working_cluster(
 
     table = _kubectl(kube, "kustody", "doctor", "--hsm-socket", str(hsm_sidecar.socket),
                      "--kubeconfig", str(kube.kubeconfig))  # fmt: skip
-    assert table.returncode == report["exitCode"]
+    # Its own exit code, as its summary line says: other tests share this cluster, so a
+    # DataKey of theirs may be not Ready in one run and Ready in the next.
+    assert f"(exit {table.returncode})" in table.stdout
     assert "OK       crds" in table.stdout
     assert "SKIPPED  rbac" in table.stdout
     assert "fix: pass -n and --service-account" in table.stdout
