@@ -121,12 +121,20 @@ def test_regeneration_and_rewrap_of_keysets_survive_sigkills(
                 "primaryVersion"
             )
             dks = _items(plane, "datakeys")
+            # The status is written before the Secret (by design): wait for both.
+            published = {
+                s["metadata"]["name"]: json.loads(base64.b64decode(s["data"]["keyset"]))
+                for s in _items(plane, "secrets")
+                if "keyset" in (s.get("data") or {})
+            }
             return len(dks) == N and all(
                 ready(d)
                 and len(d["status"].get("generations") or ()) == 2
                 and all(g["keyRingVersion"] == primary for g in d["status"]["generations"])
+                and [k["wrappedKey"] for k in published.get(d["metadata"]["name"], {})
+                     .get("keys", [])] == [g["wrappedKey"] for g in d["status"]["generations"]]
                 for d in dks
-            )
+            )  # fmt: skip
 
         eventually(settled, 240, "every DataKey regenerated once and re-wrapped, Ready")
         dks = {d["metadata"]["name"]: d for d in _items(plane, "datakeys")}
