@@ -265,7 +265,7 @@ def _go_bench(
     files = {"request": request.SerializeToString(), "token": token.encode(), "expect": plaintext}
     if flood is not None:
         files["flood"] = "\n".join(flood).encode()
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (directory / name).write_bytes(data)
     command = [
