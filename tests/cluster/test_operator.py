@@ -421,7 +421,7 @@ def test_retirement_never_touches_referenced_versions(
             and o["status"]["versions"][0]["state"] == "DestroyScheduled"
             and o
         ),
-        60,
+        180,  # generous: the session operator serves every test of the suite meanwhile
         "v1 to be retired and scheduled for destruction",
     )
     v1 = kr["status"]["versions"][0]
@@ -445,7 +445,7 @@ def test_retirement_never_touches_referenced_versions(
     assert held["status"]["versions"][0]["state"] == "Enabled"
     assert condition(held, "Rotating")["reason"] == "ManualRewrap"
     eventually(
-        lambda: "RetirementBlocked" in _events(kube, "default", manual), 30, "RetirementBlocked"
+        lambda: "RetirementBlocked" in _events(kube, "default", manual), 120, "RetirementBlocked"
     )
     assert unwrap(hsm_sidecar.socket, _secret(kube, "held-dek", ns) or {})
 
