@@ -679,6 +679,11 @@ def _check_written(content: SecretContent, stored: Mapping[str, Any], rt: Runtim
     """The write's response is what the API server stored: it must be what we wrote (an
     admission webhook may have changed it)."""
     rt.secrets.put(trim_secret(stored))
+    # The version the Secret is labelled with is a reference of its KeyRing, and the watch
+    # echo of this write changes nothing in the store: look at the KeyRing again from here
+    # (a pass made between the status write and this one saw the old version and waits).
+    if ring := content.labels.get(LABEL_KEYRING):
+        rt.enqueue(KEYRING, None, ring, delay=1.0)
     if differs(content, stored):
         raise _NotAsWritten(
             0,
