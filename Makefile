@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PROTO_SRC := $(shell find proto -name '*.proto')
-PROTO_STAMP := operator/kustody/hsm/_proto/.generated
+PROTO_STAMP := operator/kustody/api/_proto/.generated
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps binaries proto lint typecheck contracts check test test-unit \

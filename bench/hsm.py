@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from kustody.api._proto import keyservice_pb2 as pb
+from kustody.api._proto import keyservice_pb2_grpc as pb_grpc
+from kustody.api.client import HsmClient
 from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
-from kustody.hsm._proto import keyservice_pb2 as pb
-from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
-from kustody.hsm.client import HsmClient
 from unwrap import run as unwrap_cases  # bench/unwrap.py: workload unwrap over TLS
 
 RESULTS = Path(__file__).parent / "results" / "hsm.json"
@@ -295,7 +295,7 @@ NOTES = [
     "keys about twice as fast as token keys, so it overstated the ceiling for token KEKs.",
     "Batch cases pre-build requests and call the raw stubs; items that fail abort the bench.",
     "Since the worker-process change the sidecar is two processes: the gRPC front end (event "
-    "loop) and the PKCS#11 worker (python -m kustody.hsm.worker, the only process that loads "
+    "loop) and the PKCS#11 worker (python -m kustody.pkcs11.worker, the only process that loads "
     "the module), joined by a socketpair. Batches overlap across requests (c>1): the worker "
     "seals batch n while the front end decodes/encodes batches n-1 and n+1. At c=1 the two "
     "still take turns within a batch (one round trip per batch).",

@@ -57,13 +57,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubernetes import client as k8s
+from kustody.api.client import HsmClient
 from kustody.client._proto import unwrap_pb2 as pb
 from kustody.dev import binaries
 from kustody.dev.controlplane import ControlPlane
 from kustody.dev.softhsm import create_token
 from kustody.dev.stack import Sidecar
 from kustody.domain.aad import Binding
-from kustody.hsm.client import HsmClient
 
 CONCURRENCY = 16
 CONNECTIONS = int(os.environ.get("KUSTODY_BENCH_UNWRAP_CONNS", "4"))  # the callers share these

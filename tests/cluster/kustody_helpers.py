@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kustody.api.client import Binding, HsmClient
 from kustody.dev.controlplane import Cluster, ControlPlane
 from kustody.dev.stack import Sidecar
-from kustody.hsm.client import Binding, HsmClient
 from kustody.testing.plugin import crds_dir
 
 T = TypeVar("T")

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kustody.api.client import Binding, HsmClient
 from kustody.dev.controlplane import Cluster
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
-from kustody.hsm.client import Binding, HsmClient
 from kustody_helpers import eventually, get, isolated_plane, kustody_cli, ready
 from test_crash_safety import _token_objects
 

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kustody.api.client import Binding, HsmClient
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Operator, Sidecar
 from kustody.dev.tokens import DevToken
-from kustody.hsm.client import Binding, HsmClient
 from kustody_helpers import eventually, get, isolated_plane, policy, ready
 
 pytestmark = pytest.mark.slow

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kustody.api.client import Binding, HsmClient
 from kustody.client.keyset import Keyset
 from kustody.dev.controlplane import Cluster
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
-from kustody.hsm.client import Binding, HsmClient
 from kustody_helpers import condition, eventually, get, isolated_plane, kustody_cli, ready
 
 pytestmark = pytest.mark.slow

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kustody.api.client import Binding, HsmClient, HsmError, Reason
 from kustody.client import UnwrapClient
 from kustody.client.keyset import Keyset
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Operator, Sidecar
 from kustody.dev.tokens import DevToken
 from kustody.domain.escrow import Package, parse_public_key
-from kustody.hsm.client import Binding, HsmClient, HsmError, Reason
 from kustody_helpers import condition, eventually, get, isolated_plane, kustody_cli, ready
 
 pytestmark = pytest.mark.slow

@@ -16,11 +16,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+from kustody.api.client import Binding, HsmClient
 from kustody.cli import output
 from kustody.client.keyset import Keyset
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Sidecar
-from kustody.hsm.client import Binding, HsmClient
 from kustody_helpers import (
     apply,
     condition,

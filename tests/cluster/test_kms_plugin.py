@@ -34,11 +34,11 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from kustody.api._proto import kms_v2_pb2 as kms
+from kustody.api._proto import kms_v2_pb2_grpc as kms_grpc
+from kustody.api.client import HsmClient
 from kustody.dev.controlplane import Cluster, ControlPlane
 from kustody.dev.softhsm import SoftHSMToken
-from kustody.hsm._proto import kms_v2_pb2 as kms
-from kustody.hsm._proto import kms_v2_pb2_grpc as kms_grpc
-from kustody.hsm.client import HsmClient
 
 pytestmark = pytest.mark.cluster
 

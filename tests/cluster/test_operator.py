@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kustody.api.client import Binding, HsmClient, HsmError, Reason, VersionState
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Operator, Sidecar
-from kustody.hsm.client import Binding, HsmClient, HsmError, Reason, VersionState
 from kustody_helpers import (
     apply,
     condition,

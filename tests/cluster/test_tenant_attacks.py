@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kustody.api.client import VersionState
 from kustody.dev.controlplane import Cluster
 from kustody.dev.stack import Operator, Sidecar
-from kustody.hsm.client import VersionState
 from kustody.kube.api import Kube, load_api_client
 from kustody.kube.resources import SECRETS
 from kustody_helpers import (

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from kustody.api.token import TokenConfig
 from kustody.dev.tokens import DevToken, create_token, selected_kind
-from kustody.hsm.connection import HsmConnection
-from kustody.hsm.keyservice import KeyService
-from kustody.hsm.server import Sidecar, SidecarConfig
-from kustody.hsm.token import TokenConfig
+from kustody.sidecar.connection import HsmConnection
+from kustody.sidecar.keyservice import KeyService
+from kustody.sidecar.server import Sidecar, SidecarConfig
 
 T = TypeVar("T")
 _rings = itertools.count(1)

@@ -9,10 +9,10 @@ import os
 import signal
 from pathlib import Path
 
+from kustody.api.token import TokenConfig
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
-from kustody.hsm.keyservice import GenerateRequest
-from kustody.hsm.token import TokenConfig
+from kustody.sidecar.keyservice import GenerateRequest
 
 from .conftest import run, running_sidecar
 

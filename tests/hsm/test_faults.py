@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from kustody.api.client import GenerateItem, HsmClient
+from kustody.api.errors import HsmError, Reason
 from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
-from kustody.hsm.client import GenerateItem, HsmClient
-from kustody.hsm.errors import HsmError, Reason
 
 from .conftest import run, softhsm2_only, start_process
 

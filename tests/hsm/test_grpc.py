@@ -15,17 +15,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from kustody.api._proto import keyservice_pb2 as pb
+from kustody.api._proto import keyservice_pb2_grpc as pb_grpc
+from kustody.api.client import GenerateItem, HsmClient
+from kustody.api.errors import HsmError, Reason
+from kustody.api.token import TokenConfig
 from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
-from kustody.hsm._proto import keyservice_pb2 as pb
-from kustody.hsm._proto import keyservice_pb2_grpc as pb_grpc
-from kustody.hsm.access import ClientRoles, Role
-from kustody.hsm.audit import AUDIT_LOGGER
-from kustody.hsm.client import GenerateItem, HsmClient
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.keyservice import CHUNK_ITEMS
-from kustody.hsm.server import TlsConfig
-from kustody.hsm.token import TokenConfig
+from kustody.sidecar.access import ClientRoles, Role
+from kustody.sidecar.audit import AUDIT_LOGGER
+from kustody.sidecar.keyservice import CHUNK_ITEMS
+from kustody.sidecar.server import TlsConfig
 
 from .conftest import run, running_sidecar
 

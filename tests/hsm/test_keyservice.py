@@ -9,14 +9,14 @@ from typing import Any
 
 import pkcs11
 import pytest
+from kustody.api.errors import HsmError, Reason
 from kustody.dev.tokens import DevToken
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.keyversion import KeyVersionRef, VersionState
-from kustody.hsm import thread
-from kustody.hsm.connection import HsmConnection
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.keyservice import (
+from kustody.pkcs11 import thread
+from kustody.sidecar.connection import HsmConnection
+from kustody.sidecar.keyservice import (
     CHUNK_ITEMS,
     GeneratedKey,
     GenerateRequest,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from kustody.api._proto import kms_v2_pb2 as kms
+from kustody.api._proto import kms_v2_pb2_grpc as kms_grpc
+from kustody.api.token import TokenConfig
 from kustody.domain.keyversion import VersionState
-from kustody.hsm._proto import kms_v2_pb2 as kms
-from kustody.hsm._proto import kms_v2_pb2_grpc as kms_grpc
-from kustody.hsm.token import TokenConfig
 
 from .conftest import run, running_sidecar
 

@@ -14,14 +14,14 @@ import os
 from pathlib import Path
 
 import pytest
+from kustody.api.errors import HsmError, Reason
+from kustody.api.token import TokenConfig
 from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
 from kustody.errors import UserError
-from kustody.hsm.connection import HsmConnection
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.keyservice import GenerateRequest, KeyService, RewrapRequest
-from kustody.hsm.token import TokenConfig
+from kustody.sidecar.connection import HsmConnection
+from kustody.sidecar.keyservice import GenerateRequest, KeyService, RewrapRequest
 
 from .conftest import run
 

@@ -24,13 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kustody.api.client import HsmClient
+from kustody.api.errors import HsmError, Reason
 from kustody.dev.pki import ControlPlanePKI, create_pki
 from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.keyversion import VersionState
-from kustody.hsm.audit import AUDIT_LOGGER
-from kustody.hsm.client import HsmClient
-from kustody.hsm.errors import HsmError, Reason
+from kustody.sidecar.audit import AUDIT_LOGGER
 
 from .conftest import SidecarProcess, run, start_process
 

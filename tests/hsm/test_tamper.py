@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kustody.api.errors import HsmError, Reason
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import MalformedEnvelope
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.keyservice import GenerateRequest, KeyService
+from kustody.sidecar.keyservice import GenerateRequest, KeyService
 
 from .conftest import run
 

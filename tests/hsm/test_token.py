@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pkcs11.exceptions as p11
 import pytest
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.pin import Pin, read_pin
-from kustody.hsm.token import classify
+from kustody.api.errors import HsmError, Reason
+from kustody.api.pin import Pin, read_pin
+from kustody.pkcs11.token import classify
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from kustody.api.client import HsmClient
+from kustody.api.errors import HsmError, Reason
 from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope, header_for
 from kustody.domain.keyversion import KeyVersionRef, VersionState
-from kustody.hsm.client import HsmClient
-from kustody.hsm.errors import HsmError, Reason
 
 from .conftest import run, start_process
 

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from kustody.api import wire
+from kustody.api.client import GenerateItem, HsmClient
+from kustody.api.errors import HsmError, Reason
 from kustody.dev.tokens import DevToken, create_token
 from kustody.domain.aad import Binding
-from kustody.hsm import wire
-from kustody.hsm.client import GenerateItem, HsmClient
-from kustody.hsm.connection import HsmConnection
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.keyservice import GenerateRequest, KeyService
+from kustody.sidecar.connection import HsmConnection
+from kustody.sidecar.keyservice import GenerateRequest, KeyService
 
 from .conftest import SidecarProcess, run, start_process
 
@@ -71,7 +71,7 @@ def _worker_of(proc: SidecarProcess, within: float = 15) -> int:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"kustody.hsm.worker" in cmdline and _alive(child):
+            if b"kustody.pkcs11.worker" in cmdline and _alive(child):
                 return child
         time.sleep(0.05)
     raise AssertionError(f"no worker process under {proc.process.pid}:\n{proc.log.read_text()}")
@@ -316,7 +316,7 @@ def test_the_worker_answers_an_oversized_frame_with_a_typed_error_and_stops(
     hang, no 4 GiB buffer) but answers that request REQUEST_TOO_LARGE and exits."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     command = [
-        sys.executable, "-m", "kustody.hsm.worker", "--fd", str(theirs.fileno()),
+        sys.executable, "-m", "kustody.pkcs11.worker", "--fd", str(theirs.fileno()),
         "--parent", str(os.getpid()), "--module", str(own_token.module),
         "--label", own_token.label, "--pin-file", str(own_token.pin_file),
     ]  # fmt: skip

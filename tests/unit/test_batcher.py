@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from kustody.handlers.batcher import Batcher
+from kustody.controller.batcher import Batcher
 
 
 def test_concurrent_calls_share_batches_and_results_line_up() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from kustody.hsm.capabilities import (
+from kustody.api.token import IvPolicy
+from kustody.pkcs11.capabilities import (
     DisableBy,
     FingerprintBy,
-    IvPolicy,
     IvSource,
     Profile,
     Report,

@@ -170,8 +170,8 @@ def test_prop_removal_is_always_staged_and_never_touches_the_primary(
 
 
 def test_generations_by_state_are_a_metric() -> None:
-    from kustody.handlers.metrics import OperatorMetrics
-    from kustody.handlers.store import Store
+    from kustody.controller.metrics import OperatorMetrics
+    from kustody.controller.store import Store
     from prometheus_client import generate_latest
 
     datakeys = Store()
@@ -207,7 +207,7 @@ def test_the_generations_report_follows_its_schema_and_shows_key_ids_in_hex() ->
 
 
 def test_the_work_queue_depth_is_a_metric() -> None:
-    from kustody.handlers.metrics import OperatorMetrics
+    from kustody.controller.metrics import OperatorMetrics
     from prometheus_client import generate_latest
 
     metrics = OperatorMetrics()

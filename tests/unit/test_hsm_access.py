@@ -8,11 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from kustody.api.errors import HsmError, Reason
 from kustody.domain.keyversion import DEFAULT_MIN_DESTROY_DELAY_SECONDS, VersionState
-from kustody.hsm import audit, keyservice, servicer
-from kustody.hsm.access import RPCS, CertificateAccess, ClientRoles, Role, parse_identity
-from kustody.hsm.errors import HsmError, Reason
-from kustody.hsm.kekstore import KekStore
+from kustody.pkcs11.kekstore import KekStore
+from kustody.sidecar import audit, keyservice, servicer
+from kustody.sidecar.access import RPCS, CertificateAccess, ClientRoles, Role, parse_identity
 
 
 def test_roles_file_maps_san_identities_to_roles(tmp_path: Path) -> None:

@@ -7,11 +7,12 @@ import threading
 from typing import Any, cast
 
 import pytest
+from kustody.controller import watch
+from kustody.controller.keyring import reconciler as keyring
+from kustody.controller.metrics import OperatorMetrics
+from kustody.controller.runtime import DATAKEY, MAX_CACHED_SECRET_DATA, Runtime, trim_secret
+from kustody.controller.store import Store
 from kustody.domain.specs import NamespaceSelector
-from kustody.handlers import keyring, watch
-from kustody.handlers.metrics import OperatorMetrics
-from kustody.handlers.runtime import DATAKEY, MAX_CACHED_SECRET_DATA, Runtime, trim_secret
-from kustody.handlers.store import Store
 from kustody.kube.informer import read_watch_lines
 from kustody.kube.workloads import opted_in
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kustody.handlers.store import Store
+from kustody.controller.store import Store
 
 
 def _dk(name: str, rv: str, ring: str | None, ns: str = "app") -> dict[str, Any]:

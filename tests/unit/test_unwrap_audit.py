@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from kustody.unwrap import audit
+from kustody.sidecar.unwrap import audit
 
 RECORD = audit.AuditRecord(
     namespace="shop",

@@ -1,5 +1,5 @@
-"""Authorisation rules (kustody.unwrap.policy), DataKey grants and KeyRing namespace access
-(kustody.unwrap.datakeys)."""
+"""Authorisation rules (kustody.sidecar.unwrap.policy), DataKey grants and KeyRing namespace access
+(kustody.sidecar.unwrap.datakeys)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from kustody.unwrap.datakeys import DataKeyDirectory, DataKeyGrant, NamespaceAccess, grant_from
-from kustody.unwrap.policy import check_grant, check_keyring_allows, check_namespace
-from kustody.unwrap.refusal import Refusal
-from kustody.unwrap.tokens import Identity
+from kustody.sidecar.unwrap.datakeys import (
+    DataKeyDirectory,
+    DataKeyGrant,
+    NamespaceAccess,
+    grant_from,
+)
+from kustody.sidecar.unwrap.policy import check_grant, check_keyring_allows, check_namespace
+from kustody.sidecar.unwrap.refusal import Refusal
+from kustody.sidecar.unwrap.tokens import Identity
 
 ME = Identity("shop", "api")
 

@@ -1,9 +1,9 @@
-"""Token buckets per identity (kustody.unwrap.ratelimit) with a fake clock."""
+"""Token buckets per identity (kustody.sidecar.unwrap.ratelimit) with a fake clock."""
 
 from __future__ import annotations
 
 import pytest
-from kustody.unwrap.ratelimit import RateLimiter
+from kustody.sidecar.unwrap.ratelimit import RateLimiter
 
 
 class Clock:

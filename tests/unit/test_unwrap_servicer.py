@@ -1,5 +1,5 @@
-"""The unwrap RPC's bookkeeping (kustody.unwrap.servicer) with fakes for the API and the HSM:
-a call that is cancelled or runs out of time is never recorded as a success."""
+"""The unwrap RPC's bookkeeping (kustody.sidecar.unwrap.servicer) with fakes for the API and
+the HSM: a call that is cancelled or runs out of time is never recorded as a success."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from kustody.client._proto import unwrap_pb2 as pb
 from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.keyversion import KeyVersionRef
-from kustody.unwrap import audit
-from kustody.unwrap.datakeys import DataKeyGrant
-from kustody.unwrap.metrics import UnwrapMetrics
-from kustody.unwrap.ratelimit import RateLimiter
-from kustody.unwrap.servicer import UnwrapServicer
-from kustody.unwrap.tokens import Identity
+from kustody.sidecar.unwrap import audit
+from kustody.sidecar.unwrap.datakeys import DataKeyGrant
+from kustody.sidecar.unwrap.metrics import UnwrapMetrics
+from kustody.sidecar.unwrap.ratelimit import RateLimiter
+from kustody.sidecar.unwrap.servicer import UnwrapServicer
+from kustody.sidecar.unwrap.tokens import Identity
 from prometheus_client import CollectorRegistry
 
 ME = Identity("shop", "api")

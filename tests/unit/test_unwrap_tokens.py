@@ -1,5 +1,5 @@
 """TokenReview caching, the review limits and the unverified JWT checks
-(kustody.unwrap.tokens), with a fake clock and a fake TokenReview answer."""
+(kustody.sidecar.unwrap.tokens), with a fake clock and a fake TokenReview answer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from kustody.unwrap.refusal import Refusal
-from kustody.unwrap.tokens import (
+from kustody.sidecar.unwrap.refusal import Refusal
+from kustody.sidecar.unwrap.tokens import (
     Identity,
     ReviewLimits,
     TokenReviewer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from kustody.handlers.workqueue import WorkQueue
+from kustody.controller.workqueue import WorkQueue
 
 
 async def _get(q: WorkQueue[str], within: float = 1.0) -> str:

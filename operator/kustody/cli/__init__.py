@@ -55,9 +55,10 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     import importlib
 
     for module in (
-        "kustody.hsm.commands",
-        "kustody.unwrap.commands",  # adds the workload service options to `hsm`
-        "kustody.handlers.commands",
+        "kustody.sidecar.commands",
+        "kustody.pkcs11.probe",  # adds `hsm probe`
+        "kustody.sidecar.unwrap.commands",  # adds the workload service options to `hsm`
+        "kustody.controller.commands",
         "kustody.client.commands",
     ):
         try:

@@ -167,7 +167,7 @@ _HEALTH_FIX = {
 
 
 async def check_sidecar(keyrings: Sequence[Mapping[str, Any]], opts: Options) -> list[Finding]:
-    from kustody.hsm.client import HsmError
+    from kustody.api.client import HsmError
 
     if opts.hsm is None:
         return [

@@ -58,7 +58,7 @@ def render(report: Mapping[str, Any], wide: bool = False) -> str:
 def _hsm_target(args: argparse.Namespace) -> tuple[Callable[[], Any] | None, str]:
     """How to reach the sidecar (a client factory: gRPC channels belong to the event loop that
     uses them) and where it is, or no factory when there is nothing to check."""
-    from kustody.hsm.client import HsmClient
+    from kustody.api.client import HsmClient
 
     timeout = args.hsm_timeout
     if args.hsm_endpoint:

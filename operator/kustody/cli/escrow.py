@@ -9,7 +9,7 @@
 * ``export`` — the platform team copies a KeyRing's packages (Secrets in the operator
   namespace) to files for the hand-over.
 
-The token ceremonies run in :mod:`kustody.hsm.escrow_commands`, imported only when one runs
+The token ceremonies run in :mod:`kustody.pkcs11.ceremonies`, imported only when one runs
 (the CLI itself never loads PKCS#11). docs/runbooks/escrow.md has the whole procedure.
 """
 
@@ -35,7 +35,7 @@ DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 def _ceremony(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        module = importlib.import_module("kustody.hsm.escrow_commands")
+        module = importlib.import_module("kustody.pkcs11.ceremonies")
         result: int = getattr(module, name)(args)
         return result
 

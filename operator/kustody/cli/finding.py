@@ -35,7 +35,7 @@ class Options:
     lease_name: str = "kustody-operator"
     service_account: str = "kustody"
     crds_dir: Path | None = None
-    hsm: Any = None  # a kustody.hsm.client.HsmClient, made by doctor in its event loop
+    hsm: Any = None  # a kustody.api.client.HsmClient, made by doctor in its event loop
     hsm_where: str = ""
     unwrap_endpoint: str | None = None
     unwrap_cert: Path | None = None

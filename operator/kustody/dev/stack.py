@@ -108,7 +108,7 @@ class Sidecar:
     def _serving(self) -> bool:
         if not self.socket.exists() or not self._workload_listening():
             return False
-        from kustody.hsm.client import HsmClient, HsmError
+        from kustody.api.client import HsmClient, HsmError
 
         async def check() -> bool:
             async with HsmClient.unix(self.socket, timeout=2) as client:

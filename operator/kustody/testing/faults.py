@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kustody.api.client import Binding, HsmClient, HsmError
 from kustody.dev.softhsm import SoftHSMToken
-from kustody.hsm.client import Binding, HsmClient, HsmError
 
 Delay = Callable[[random.Random], float]
 

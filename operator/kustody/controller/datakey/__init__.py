@@ -1,0 +1,2 @@
+"""DataKey reconciliation: generations of the DEK, re-wrap, and the Secret that publishes
+them, wrapped."""

@@ -1,0 +1,1 @@
+"""EscrowAgent reconciliation, and the escrow step of an escrowed KeyRing."""

@@ -1,0 +1,1 @@
+"""RotationPolicy reconciliation: validity and usage."""

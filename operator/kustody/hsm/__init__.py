@@ -1,1 +1,0 @@
-"""The HSM sidecar: the only code that imports PKCS#11, and the gRPC services it serves."""
