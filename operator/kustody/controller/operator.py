@@ -78,7 +78,7 @@ class OperatorConfig:
     hsm_timeout: float = 10.0
 
 
-def secret_informer(rt: Runtime, relisted: asyncio.Event) -> MetadataInformer:
+def secret_informer(rt: Runtime, kube: Kube, relisted: asyncio.Event) -> MetadataInformer:
     """Secrets are watched as metadata only (their data never enters the operator). Every
     relist sets ``relisted``: after the first, a relist means the watches broke (410 Gone, an
     API-server restart), and the other stores, whose Kopf relists report no deletions, are
@@ -89,7 +89,7 @@ def secret_informer(rt: Runtime, relisted: asyncio.Event) -> MetadataInformer:
         relisted.set()
 
     return MetadataInformer(
-        rt.kube,
+        kube,
         SECRETS,
         lambda kind, obj: watch.secret_event(rt, kind, obj),
         on_relist,
@@ -264,7 +264,7 @@ async def run(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
             stopping.cancel()
         log.info("operator %s is active; syncing caches", identity)
         relisted = asyncio.Event()
-        secrets = secret_informer(rt, relisted)
+        secrets = secret_informer(rt, kube, relisted)
         while True:
             try:
                 await _sync(rt, secrets)

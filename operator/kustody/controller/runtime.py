@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kustody.api.client import Binding, DataKey, GenerateItem, HsmClient, HsmError, ReWrapped
+from kustody.api.client import Binding, DataKey, GenerateItem, HsmError, ReWrapped
 from kustody.controller.batcher import Batcher
 from kustody.controller.metrics import OperatorMetrics
+from kustody.controller.ports import Clock, Events, KeyService, KubeApi
 from kustody.controller.store import Obj, Store
 from kustody.controller.workqueue import WorkQueue
 from kustody.domain.secret import LABEL_KEYRING, MANAGED_BY, MANAGER
 from kustody.domain.specs import REWRAP_ANNOTATION, NamespaceSelector
-from kustody.kube.api import Kube
-from kustody.kube.events import EventRecorder
 from kustody.kube.resources import GROUP
 
 T = TypeVar("T")
@@ -134,11 +133,11 @@ class HsmHealth:
 
 @dataclass
 class Runtime:
-    kube: Kube
-    hsm: HsmClient
-    events: EventRecorder
+    kube: KubeApi
+    hsm: KeyService
+    events: Events
     metrics: OperatorMetrics
-    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    clock: Clock = lambda: dt.datetime.now(dt.UTC)
     keyrings: Store = field(default_factory=lambda: Store(keyring_policy))
     datakeys: Store = field(default_factory=lambda: Store(datakey_keyring))
     policies: Store = field(default_factory=Store)

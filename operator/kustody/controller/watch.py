@@ -28,8 +28,8 @@ from kustody.controller.runtime import (
 )
 from kustody.controller.store import Key, Obj, Store, key_of, resource_version
 from kustody.domain.secret import LABEL_DATAKEY, LABEL_KEYRING, MANAGED_BY, MANAGER
-from kustody.kube.api import Kube
 from kustody.kube.errors import KubeError
+from kustody.kube.protocol import KubeApi
 from kustody.kube.resources import (
     DATAKEYS,
     ESCROW_AGENTS,
@@ -177,9 +177,7 @@ def quiet_teardown(stop: asyncio.Event) -> None:
     loop.set_exception_handler(handler)
 
 
-def serve(
-    rt: Runtime, kubeconfig: str | None, stop: asyncio.Event
-) -> Coroutine[Any, Any, None]:
+def serve(rt: Runtime, kubeconfig: str | None, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
     """Kopf's watches of the custom resources and Namespaces, until ``stop`` is set."""
     return kopf.operator(
         registry=_registry(rt, kubeconfig),
@@ -204,7 +202,7 @@ def _bound(rt: Runtime, handler: Handler) -> Callable[..., Awaitable[None]]:
     return on_event
 
 
-async def prune(rt: Runtime, kube: Kube) -> None:
+async def prune(rt: Runtime, kube: KubeApi) -> None:
     """LIST each Kopf-watched kind (metadata only) and forget what is gone."""
     for store, res, handler in stores(rt):
         try:

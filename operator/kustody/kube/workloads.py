@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kustody.kube.api import JSON_PATCH, Kube
+from kustody.kube.api import JSON_PATCH
+from kustody.kube.protocol import KubeApi
 from kustody.kube.resources import WORKLOADS
 
 # One annotation per DataKey (DataKey names are at most 63 characters, a valid name part).
@@ -30,7 +31,7 @@ def restart_annotation(datakey: str) -> str:
 
 
 async def restart(
-    kube: Kube, namespace: str, kind: str, name: str, datakey: str, generation: int
+    kube: KubeApi, namespace: str, kind: str, name: str, datakey: str, generation: int
 ) -> bool:
     """Bump the pod template annotation for ``datakey`` to ``generation``.
 
