@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 from kustody.controller import watch
-from kustody.controller.keyring import reconciler as keyring
+from kustody.controller.keyring.references import references
 from kustody.controller.metrics import OperatorMetrics
 from kustody.controller.runtime import DATAKEY, MAX_CACHED_SECRET_DATA, Runtime, trim_secret
 from kustody.controller.store import Store
@@ -59,7 +59,7 @@ def _secret(
 
 
 def _refs(rt: Runtime, allowed: NamespaceSelector) -> Any:
-    return asyncio.run(keyring._references(rt, "ring", allowed, fresh=False))
+    return asyncio.run(references(rt, "ring", allowed, fresh=False))
 
 
 def test_only_a_datakeys_own_secret_is_held_and_counted() -> None:

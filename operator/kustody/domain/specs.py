@@ -188,6 +188,7 @@ class KeyRingSpec:
     allowed: NamespaceSelector
     allow_plaintext_export: bool
     deletion_policy: DeletionPolicy
+    escrow: bool = False  # spec.escrow is set: new versions are created escrowable
 
     @classmethod
     def parse(cls, raw: Any) -> KeyRingSpec:
@@ -210,6 +211,7 @@ class KeyRingSpec:
             allowed=allowed,
             allow_plaintext_export=bool(spec.get("allowPlaintextExport", False)),
             deletion_policy=deletion,
+            escrow=bool(spec.get("escrow")),
         )
 
 
