@@ -27,6 +27,7 @@ from kustody.dev.softhsm import create_token
 from kustody.dev.stack import Operator, Sidecar
 from kustody.kube.api import Kube, load_api_client
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
+from plot import plot_operator  # bench/plot.py
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "100,1000").split(","))
@@ -193,6 +194,7 @@ def main() -> None:
         out["rotate_1000_s"] = by_n[1000]["rotate_s"]
     path = REPO / "bench" / "results" / "operator.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
+    plotted = plot_operator(path)  # bench/plot.py: operator.png (time to Ready against N)
 
     print(f"{'N':>6} {'create s':>9} {'rotate s':>9} {'API/DK create':>14} {'API/DK rotate':>14}")
     for r in results:
@@ -206,6 +208,8 @@ def main() -> None:
             verdict = "meets" if out[key] <= TARGET_S else "MISSES"
             print(f"{key} = {out[key]} s ({verdict} the {TARGET_S:.0f} s target)")
     print(f"wrote {path}")
+    if plotted is not None:
+        print(f"wrote {plotted}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ from kustody.dev.stack import Sidecar
 from kustody.domain.aad import Binding
 
 CONCURRENCY = 16
+# The Go callers at each of these, REPEATS times (interleaved): ops/s and p99 against concurrency.
+_SWEEP = os.environ.get("KUSTODY_BENCH_UNWRAP_SWEEP", "1,4,16,64")
+SWEEP = tuple(sorted({CONCURRENCY, *(int(c) for c in _SWEEP.split(","))}))
+REPEATS = int(os.environ.get("KUSTODY_BENCH_REPEATS", "3"))
 CONNECTIONS = int(os.environ.get("KUSTODY_BENCH_UNWRAP_CONNS", "4"))  # the callers share these
 DURATION = float(os.environ.get("KUSTODY_BENCH_SECONDS", "3"))
 REPO = Path(__file__).resolve().parents[1]
@@ -231,6 +235,7 @@ async def _python_bench(
     metadata = (("authorization", f"Bearer {token}"),)
     for stub in stubs:  # warm-up: TLS handshakes, TokenReview and DataKey cached
         await stub(request, metadata=metadata, timeout=10)
+    load_1m = round(os.getloadavg()[0], 2)
     cpu0, server0, wall0 = time.process_time(), [_cpu_seconds(p) for p in pids], time.time()
     with _profiled(pids[0], "unwrap-frontend-python-client"):
         rate, latencies, failures = await _load(stubs, request, metadata)
@@ -247,6 +252,7 @@ async def _python_bench(
         "failures": failures,
         "client_cpu_cores": round(client_cpu / wall, 2),
         **_sidecar_cpu(server, wall),
+        "load_1m_before": load_1m,
     }
 
 
@@ -260,7 +266,7 @@ def _sidecar_cpu(seconds: list[float], wall: float) -> dict[str, Any]:
 def _go_bench(
     binary: Path, endpoint: str, ca: Path, request: pb.UnwrapRequest, token: str,
     plaintext: bytes, pids: list[int], directory: Path,
-    duration: float = DURATION, flood: list[str] | None = None,
+    duration: float = DURATION, flood: list[str] | None = None, concurrency: int = CONCURRENCY,
 ) -> dict[str, Any]:  # fmt: skip
     files = {"request": request.SerializeToString(), "token": token.encode(), "expect": plaintext}
     if flood is not None:
@@ -270,12 +276,13 @@ def _go_bench(
         (directory / name).write_bytes(data)
     command = [
         str(binary), "-addr", endpoint, "-ca", str(ca), "-server-name", "localhost",
-        "-c", str(CONCURRENCY), "-conns", str(CONNECTIONS),
+        "-c", str(concurrency), "-conns", str(CONNECTIONS),
         "-duration", f"{duration}s", "-warmup", WARMUP,
         "-watch-pids", ",".join(str(p) for p in pids),
         "-flood-rate", str(FLOOD_RATE),
         *(a for name in files for a in (f"-{name}", str(directory / name))),
     ]  # fmt: skip
+    load_1m = round(os.getloadavg()[0], 2)
     with _profiled(pids[0], "unwrap-frontend-go-client" + ("-flood" if flood else "")):
         done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
     if done.returncode != 0:
@@ -296,6 +303,7 @@ def _go_bench(
         "failures": out["failures"],
         "client_cpu_cores": round(out["client_cpu_seconds"] / wall, 2),
         **_sidecar_cpu(server, wall),
+        "load_1m_before": load_1m,
         **({"flood": out["flood"]} if out.get("flood") else {}),
     }
 
@@ -349,18 +357,86 @@ def _flood_case(
     return case
 
 
-def _headline(case: dict[str, Any], client: str) -> dict[str, Any]:
+def _spread(values: list[float]) -> dict[str, float]:
     return {
-        "unwrap_p50_ms": case["p50_ms"],
-        "unwrap_p99_ms": case["p99_ms"],
-        "unwrap_ops_s": case["ops_s"],
-        "unwrap_failures": case["failures"],
-        "unwrap_client": client,
-        "unwrap_tail_ms": {
-            k: case[k] for k in ("p90_ms", "p999_ms", "max_ms", "histogram_ms") if k in case
-        },
-        "unwrap_cpu_cores": {k: v for k, v in case.items() if k.endswith("_cpu_cores")},
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
     }
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and min-max of each figure over the repetitions, and the runs themselves."""
+    keys = ("ops_s", "p50_ms", "p99_ms", "client_cpu_cores", "sidecar_front_end_cpu_cores",
+            "sidecar_worker_cpu_cores")  # fmt: skip
+    out: dict[str, Any] = {k: _spread([r[k] for r in runs]) for k in keys if k in runs[0]}
+    out["failures"] = sum(r["failures"] for r in runs)
+    out["runs"] = [{k: v for k, v in r.items() if k != "histogram_ms"} for r in runs]
+    return out
+
+
+def _headline(summary: dict[str, Any], client: str) -> dict[str, Any]:
+    """The ``unwrap_*`` figures at CONCURRENCY: medians of the repetitions, with min-max."""
+    median_run = sorted(summary["runs"], key=lambda r: r["p99_ms"])[len(summary["runs"]) // 2]
+    return {
+        "unwrap_p50_ms": summary["p50_ms"]["median"],
+        "unwrap_p99_ms": summary["p99_ms"]["median"],
+        "unwrap_ops_s": summary["ops_s"]["median"],
+        "unwrap_p99_ms_range": [summary["p99_ms"]["min"], summary["p99_ms"]["max"]],
+        "unwrap_ops_s_range": [summary["ops_s"]["min"], summary["ops_s"]["max"]],
+        "unwrap_failures": summary["failures"],
+        "unwrap_client": client,
+        "unwrap_repeats": len(summary["runs"]),
+        "unwrap_tail_ms": {  # of the run with the median p99
+            k: median_run[k] for k in ("p90_ms", "p999_ms", "max_ms") if k in median_run
+        },
+        "unwrap_cpu_cores": {
+            k: v["median"] for k, v in summary.items() if k.endswith("_cpu_cores")
+        },
+    }
+
+
+def _sweep(
+    loadgen: Path | None, endpoint: str, ca: Path, request: pb.UnwrapRequest, token: str,
+    plaintext: bytes, pids: list[int], directory: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """REPEATS repetitions of: the Go callers at each SWEEP concurrency (the order rotating
+    between repetitions), then the Python client at CONCURRENCY. The headline ``unwrap_*``
+    figures are the Go client's at CONCURRENCY (the Python client's without Go)."""
+    go: dict[int, list[dict[str, Any]]] = {}
+    python: list[dict[str, Any]] = []
+    for rep in range(REPEATS):
+        if loadgen is not None:
+            shift = rep % len(SWEEP)
+            for c in SWEEP[shift:] + SWEEP[:shift]:
+                go.setdefault(c, []).append(
+                    _go_bench(loadgen, endpoint, ca, request, token, plaintext, pids,
+                              directory / f"c{c}-{rep}", concurrency=c)
+                )  # fmt: skip
+        if CLIENT in ("python", "both") or loadgen is None:
+            python.append(
+                asyncio.run(_python_bench(endpoint, ca.read_bytes(), request, token, pids))
+            )
+    result: dict[str, Any] = {}
+    loads = [r["load_1m_before"] for runs in (*go.values(), python) for r in runs]
+    if go:
+        series = {f"c{c}": _summary(runs) for c, runs in sorted(go.items())}
+        result["unwrap_sweep"] = {
+            "client": "go",
+            "repeats": REPEATS,
+            "seconds": DURATION,
+            "connections": CONNECTIONS,
+            "configs": {"1 front end": series},
+            "load_avg": {"load_1m_before_runs": _spread(loads)},
+        }
+        result.update(_headline(series[f"c{CONCURRENCY}"], "go"))
+    if python:
+        summary = _summary(python)
+        if go:
+            result["unwrap_python_client"] = summary
+        else:
+            result.update(_headline(summary, "python"))
+    return result
 
 
 async def plaintext_of(sidecar: Sidecar, wrapped: str, binding: Binding) -> bytes:
@@ -479,23 +555,15 @@ def run() -> dict[str, Any]:
             pids = [front_end, *_children(front_end)]  # the front end, then its PKCS#11 worker
             loadgen = build_loadgen() if CLIENT in ("go", "both") else None
             result: dict[str, Any] = {"unwrap_concurrency": CONCURRENCY}
-            if loadgen is not None:
-                plaintext = asyncio.run(plaintext_of(sidecar, wrapped, binding))
-                go = _go_bench(
-                    loadgen, endpoint, ca, request, sa_token, plaintext, pids, base / "loadgen"
-                )  # fmt: skip
-                result.update(_headline(go, "go"))
+            plaintext = asyncio.run(plaintext_of(sidecar, wrapped, binding))
+            result.update(
+                _sweep(loadgen, endpoint, ca, request, sa_token, plaintext, pids, base / "sweep")
+            )
             if loadgen is not None and KEYSET_REPEATS > 0:
                 result.update(
                     _keyset_case(loadgen, endpoint, ca, request, older, sa_token, sidecar, binding,
                                  pids, base / "keyset")
                 )  # fmt: skip
-            if CLIENT in ("python", "both") or loadgen is None:
-                py = asyncio.run(_python_bench(endpoint, ca.read_bytes(), request, sa_token, pids))
-                if loadgen is None:
-                    result.update(_headline(py, "python"))
-                else:
-                    result["unwrap_python_client"] = py
             if loadgen is not None and FLOOD_TOKENS > 0:
                 plaintext = asyncio.run(plaintext_of(sidecar, wrapped, binding))
                 flood = _flood_case(
