@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -106,6 +107,19 @@ def load_api_client(kubeconfig: str | None = None) -> Any:
     return client.ApiClient()
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One API request, as the worker thread sends it."""
+
+    method: str
+    path: str
+    body: Any
+    content_type: str
+    query: Mapping[str, str] | None
+    kind: str
+    accept: str
+
+
 class Kube:
     """Typed async access to the API server. ``observe(verb, kind, status, seconds)`` is
     called for every request (for metrics and the benchmark's request count)."""
@@ -154,29 +168,19 @@ class Kube:
         accept: str = "application/json",
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, self._request, method, path, body, content_type, query, kind, accept
-        )
+        call = _Call(method, path, body, content_type, query, kind, accept)
+        return await loop.run_in_executor(self._pool, self._request, call)
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        content_type: str,
-        query: Mapping[str, str] | None,
-        kind: str,
-        accept: str,
-    ) -> dict[str, Any]:
+    def _request(self, call: _Call) -> dict[str, Any]:
         attempt = 0
         while True:
-            self._wait_turn(kind)
+            self._wait_turn(call.kind)
             try:
-                return self._send(method, path, body, content_type, query, kind, accept)
+                return self._send(call)
             except _Pause as pause:
                 # Refused before it was handled (APF rejects before executing): safe to send
                 # again, for any verb, once the server's wait is over.
-                self._pause(kind, pause.retry_after)
+                self._pause(call.kind, pause.retry_after)
                 attempt += 1
                 if attempt > RETRIES_AFTER_WAIT or self._closed.is_set():
                     error = pause.error
@@ -184,16 +188,8 @@ class Kube:
                         error.status, error.reason, error.message, pause.retry_after
                     ) from None
 
-    def _send(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        content_type: str,
-        query: Mapping[str, str] | None,
-        kind: str,
-        accept: str,
-    ) -> dict[str, Any]:
+    def _send(self, call: _Call) -> dict[str, Any]:
+        method, kind = call.method, call.kind
         started = time.perf_counter()
         status = 0
         try:
@@ -201,10 +197,10 @@ class Kube:
             # included), then send it. Plain dicts in and out, no model classes.
             _method, url, headers, payload, post = self._api.param_serialize(
                 method,
-                path,
-                query_params=list((query or {}).items()),
-                header_params={"Content-Type": content_type, "Accept": accept},
-                body=body,
+                call.path,
+                query_params=list((call.query or {}).items()),
+                header_params={"Content-Type": call.content_type, "Accept": call.accept},
+                body=call.body,
                 auth_settings=["BearerToken"],
             )
             response = self._api.call_api(

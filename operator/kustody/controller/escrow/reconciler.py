@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from kustody.api.client import HsmError, Reason
@@ -25,6 +26,7 @@ from kustody.domain.escrow import (
     EscrowError,
     EscrowSpec,
     Package,
+    Refusal,
     package_secret_name,
     parse_public_key,
     refusals,
@@ -124,7 +126,7 @@ async def escrow_step(
 ) -> tuple[Condition | None, list[tuple[str, str]]]:
     """Export what is missing. Returns the Escrowed condition (None without spec.escrow) and
     the Events owed as (reason, message); ``status`` gets escrowExports and escrowable."""
-    name = keyring["metadata"]["name"]
+    name = str(keyring["metadata"]["name"])
     try:
         spec = EscrowSpec.parse((keyring.get("spec") or {}).get("escrow"))
     except EscrowError as exc:
@@ -138,81 +140,106 @@ async def escrow_step(
         for v in status.get("versions") or ()
     ]
     agents = {a: rt.escrow_agents.get(None, a) for a in spec.agents}
-    refused = refusals(spec.agents, spec.allowed_jurisdictions, agents)
-    refused_names = {r.agent for r in refused}
+    run = _Exports(
+        rt,
+        name,
+        agents,
+        refused=refusals(spec.agents, spec.allowed_jurisdictions, agents),
+        done={(int(e["version"]), str(e["agent"])): e for e in status.get("escrowExports") or ()},
+    )
     live = [v for v in versions if v.state is not State.DESTROYED]
     stuck = [v.version for v in live if not escrowable.get(v.version)]
-    exports = {(int(e["version"]), str(e["agent"])): e for e in status.get("escrowExports") or ()}
-    events: list[tuple[str, str]] = []
-    failures: list[str] = []
     for v in live:
-        if v.version in stuck:
-            continue
-        for agent_name in spec.agents:
-            if agent_name in refused_names or (v.version, agent_name) in exports:
+        if v.version not in stuck:
+            await run.export_version(v.version, spec.agents)
+    status["escrowExports"] = sorted(
+        run.done.values(), key=lambda e: (int(e["version"]), str(e["agent"]))
+    )
+    run.events += [("EscrowAgentRefused", r.describe()) for r in run.refused]
+    return _escrowed(name, spec.agents, run, stuck), run.events
+
+
+@dataclass
+class _Exports:
+    """The exports of one pass: what is recorded, what it made, what failed."""
+
+    rt: Runtime
+    ring: str
+    agents: Mapping[str, Mapping[str, Any] | None]
+    refused: Sequence[Refusal]
+    done: dict[tuple[int, str], dict[str, Any]]
+    events: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    async def export_version(self, version: int, agent_names: Sequence[str]) -> None:
+        refused = {r.agent for r in self.refused}
+        for agent_name in agent_names:
+            if agent_name in refused or (version, agent_name) in self.done:
                 continue
-            agent = agents[agent_name] or {}
+            agent = self.agents[agent_name] or {}
             fingerprint = str((agent.get("status") or {}).get("fingerprint") or "")
             try:
-                entry, made = await _export_one(rt, name, v.version, agent_name, fingerprint)
+                entry, made = await _export_one(
+                    self.rt, self.ring, version, agent_name, fingerprint
+                )
             except HsmError as exc:
                 if exc.reason not in (
                     Reason.ESCROW_AGENT_NOT_ADMITTED,
                     Reason.VERSION_NOT_ESCROWABLE,
                 ):
                     raise
-                rt.metrics.escrow_exports.labels("refused").inc()
-                failures.append(f"v{v.version} → {agent_name}: {exc.message}")
+                self.rt.metrics.escrow_exports.labels("refused").inc()
+                self.failures.append(f"v{version} → {agent_name}: {exc.message}")
                 continue
-            exports[(v.version, agent_name)] = entry
+            self.done[(version, agent_name)] = entry
             if made:
-                rt.metrics.escrow_exports.labels("exported").inc()
-                events.append(
+                self.rt.metrics.escrow_exports.labels("exported").inc()
+                self.events.append(
                     (
                         "EscrowExported",
-                        f"version {v.version} wrapped in the token for escrow agent "
+                        f"version {version} wrapped in the token for escrow agent "
                         f"{agent_name} ({fingerprint}); package {entry['packageFingerprint']} "
-                        f"in Secret {rt.namespace}/{entry['secretName']}",
+                        f"in Secret {self.rt.namespace}/{entry['secretName']}",
                     )
                 )
-    status["escrowExports"] = sorted(
-        exports.values(), key=lambda e: (int(e["version"]), str(e["agent"]))
-    )
-    if refused:
-        for r in refused:
-            events.append(("EscrowAgentRefused", r.describe()))
-        return (
-            Condition(
-                "Escrowed",
-                False,
-                "AgentRefused",
-                "; ".join(r.describe() for r in refused) + "; nothing is exported to it",
-            ),
-            events,
-        )
-    if failures:
-        return Condition("Escrowed", False, "EscrowExportFailed", "; ".join(failures)), events
-    if stuck:
-        return (
-            Condition(
-                "Escrowed",
-                False,
-                "VersionNotEscrowable",
-                f"version(s) {', '.join(map(str, stuck))} were created never-extractable, "
-                "before spec.escrow was set, and cannot be escrowed; a rotation makes an "
-                "escrowable version (kustody rotate " + name + ")",
-            ),
-            events,
-        )
-    return (
-        Condition(
+
+
+def _escrowed(name: str, agents: Sequence[str], run: _Exports, stuck: Sequence[int]) -> Condition:
+    if run.refused:
+        return Condition(
             "Escrowed",
-            True,
-            "Exported",
-            f"every live version is escrowed to {', '.join(spec.agents)}",
-        ),
-        events,
+            False,
+            "AgentRefused",
+            "; ".join(r.describe() for r in run.refused) + "; nothing is exported to it",
+        )
+    if run.failures:
+        return Condition("Escrowed", False, "EscrowExportFailed", "; ".join(run.failures))
+    if stuck:
+        return Condition(
+            "Escrowed",
+            False,
+            "VersionNotEscrowable",
+            f"version(s) {', '.join(map(str, stuck))} were created never-extractable, "
+            "before spec.escrow was set, and cannot be escrowed; a rotation makes an "
+            "escrowable version (kustody rotate " + name + ")",
+        )
+    return Condition(
+        "Escrowed", True, "Exported", f"every live version is escrowed to {', '.join(agents)}"
     )
+
+
+def _entry(
+    version: int, agent: str, fingerprint: str, package: str, secret: str, at: str
+) -> dict[str, Any]:
+    """One KeyRing status.escrowExports entry."""
+    return {
+        "version": version,
+        "agent": agent,
+        "agentFingerprint": fingerprint,
+        "packageFingerprint": package,
+        "secretName": secret,
+        "exportedAt": at,
+    }
 
 
 async def _export_one(
@@ -223,18 +250,11 @@ async def _export_one(
     secret_name = package_secret_name(ring, version, agent)
     existing = await rt.kube.get_or_none(SECRETS, secret_name, rt.namespace)
     if existing is not None and (found := _package_fingerprint(existing)):
-        entry = {
-            "version": version,
-            "agent": agent,
-            "agentFingerprint": fingerprint,
-            "packageFingerprint": found,
-            "secretName": secret_name,
-            "exportedAt": str(
-                (existing["metadata"].get("annotations") or {}).get("kustody.io/exported-at")
-                or format_time(rt.clock())
-            ),
-        }
-        return entry, False
+        at = str(
+            (existing["metadata"].get("annotations") or {}).get("kustody.io/exported-at")
+            or format_time(rt.clock())
+        )
+        return _entry(version, agent, fingerprint, found, secret_name, at), False
     reply = await rt.call_hsm("ExportEscrow", rt.hsm.export_escrow(ring, version, fingerprint))
     now = format_time(rt.clock())
     package = Package(
@@ -248,12 +268,26 @@ async def _export_one(
         created_at=now,
         wrapped=reply.wrapped,
     )
-    body = {
+    try:
+        body = _package_secret(
+            rt, secret_name, package, ring=ring, version=version, agent=agent, agent_fp=fingerprint
+        )
+        await rt.kube.create(SECRETS, body, rt.namespace)
+    except Conflict:
+        # Made by another pass meanwhile: record that one (this package is dropped).
+        return await _export_one(rt, ring, version, agent, fingerprint)
+    return _entry(version, agent, fingerprint, package.fingerprint, secret_name, now), True
+
+
+def _package_secret(
+    rt: Runtime, name: str, package: Package, *, ring: str, version: int, agent: str, agent_fp: str
+) -> dict[str, Any]:
+    return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": PACKAGE_SECRET_TYPE,
         "metadata": {
-            "name": secret_name,
+            "name": name,
             "namespace": rt.namespace,
             "labels": {
                 MANAGED_BY: MANAGER,
@@ -263,24 +297,10 @@ async def _export_one(
                 LABEL_AGENT: agent,
             },
             "annotations": {
-                "kustody.io/exported-at": now,
+                "kustody.io/exported-at": package.created_at,
                 "kustody.io/package-fingerprint": package.fingerprint,
-                "kustody.io/agent-fingerprint": fingerprint,
+                "kustody.io/agent-fingerprint": agent_fp,
             },
         },
         "data": {PACKAGE_KEY: base64.b64encode(package.to_json().encode()).decode("ascii")},
     }
-    try:
-        await rt.kube.create(SECRETS, body, rt.namespace)
-    except Conflict:
-        # Made by another pass meanwhile: record that one (this package is dropped).
-        return await _export_one(rt, ring, version, agent, fingerprint)
-    entry = {
-        "version": version,
-        "agent": agent,
-        "agentFingerprint": fingerprint,
-        "packageFingerprint": package.fingerprint,
-        "secretName": secret_name,
-        "exportedAt": now,
-    }
-    return entry, True
