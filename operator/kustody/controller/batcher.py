@@ -13,8 +13,6 @@ from typing import Generic, TypeVar
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-Send = Callable[[Sequence[Item]], Awaitable[Sequence[Result | BaseException]]]
-
 
 class Batcher(Generic[Item, Result]):
     def __init__(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -128,7 +127,6 @@ class HsmHealth:
     serving: bool | None = None  # None until the first check
     reason: str = ""
     message: str = ""
-    checked_at: float = 0.0
 
 
 @dataclass
@@ -162,14 +160,6 @@ class Runtime:
         ns_obj = self.namespaces.get(None, namespace)
         labels = ((ns_obj or {}).get("metadata") or {}).get("labels") or {}
         return allowed.allows(namespace, labels if ns_obj is not None else None)
-
-    def secret_of(self, datakey: Obj) -> Obj | None:
-        """The cached Secret ``datakey`` publishes, if the cache holds a genuine one."""
-        name = status_secret_name(datakey)
-        if name is None:
-            return None
-        secret = self.secrets.get(datakey["metadata"].get("namespace"), name)
-        return secret if secret is not None and is_datakey_secret(secret, datakey) else None
 
     def admit_secret(self, secret: Obj) -> bool:
         """Keep ``secret`` (trimmed) if it is a DataKey's own; returns whether the store changed.
@@ -234,6 +224,6 @@ class Runtime:
     def hsm_checked(self, serving: bool, reason: str, message: str) -> bool:
         """Record a health result; returns True when the sidecar just came back."""
         came_back = serving and self.health.serving is False
-        self.health = HsmHealth(serving, reason, message, time.monotonic())
+        self.health = HsmHealth(serving, reason, message)
         self.metrics.hsm_up.labels("serving" if serving else "not_serving").inc()
         return came_back

@@ -29,7 +29,7 @@ import pkcs11.exceptions as p11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from kustody.api.errors import HsmError, Reason
-from kustody.domain.escrow import MECHANISM, AgentKey, EscrowError, Package, parse_public_key
+from kustody.domain.escrow import MECHANISM, AgentKey, Package
 from kustody.domain.keyversion import KeyVersionRef, parse_label
 
 ESCROW_APPLICATION = "kustody-escrow"  # data object: this KEK version was created for escrow
@@ -295,10 +295,3 @@ def recover(session: Any, package: Package) -> Recovered:
             }
         )
     return Recovered(ref, value, created=True)
-
-
-def load_agent_pem(pem: str | bytes) -> AgentKey:
-    try:
-        return parse_public_key(pem)
-    except EscrowError as exc:
-        raise HsmError(Reason.INVALID_ARGUMENT, str(exc)) from None
