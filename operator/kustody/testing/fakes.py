@@ -105,7 +105,11 @@ __all__ = [
     "RecordedEvent",
     "RecordingEvents",
     "api_error",
+    "condition",
+    "datakey",
+    "keyring",
     "reconcilers",
+    "rotation_policy",
     "secret_entries",
     "selector_matches",
 ]
@@ -1408,6 +1412,53 @@ class FakeOperator:
         ``metric("kustody_rotations_total", outcome="success")``."""
         value = self.metrics.registry.get_sample_value(name, labels)
         return float(value) if value is not None else 0.0
+
+
+# -- objects ---------------------------------------------------------------------------------
+
+
+def keyring(
+    name: str, namespaces: Sequence[str] = (), policy: str | None = None, **spec: Any
+) -> dict[str, Any]:
+    """A KeyRing allowing ``namespaces`` (and ``spec`` fields given as keywords)."""
+    body: dict[str, Any] = {
+        "apiVersion": KEYRINGS.api_version,
+        "kind": KEYRINGS.kind,
+        "metadata": {"name": name},
+        "spec": {"algorithm": "AES256GCM", "allowedNamespaces": {"names": list(namespaces)}},
+    }
+    if policy:
+        body["spec"]["rotationPolicyRef"] = {"name": policy}
+    body["spec"].update(spec)
+    return body
+
+
+def datakey(name: str, namespace: str, key_ring: str, **spec: Any) -> dict[str, Any]:
+    """A DataKey under ``key_ring`` publishing Secret ``<name>-dek``."""
+    return {
+        "apiVersion": DATAKEYS.api_version,
+        "kind": DATAKEYS.kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"keyRingRef": {"name": key_ring}, "secretName": f"{name}-dek", **spec},
+    }
+
+
+def rotation_policy(name: str, **spec: Any) -> dict[str, Any]:
+    """A RotationPolicy (rotationPeriod 2160h unless given)."""
+    return {
+        "apiVersion": ROTATION_POLICIES.api_version,
+        "kind": ROTATION_POLICIES.kind,
+        "metadata": {"name": name},
+        "spec": {"rotationPeriod": "2160h", **spec},
+    }
+
+
+def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
+    """The status condition ``type_`` of ``obj`` ({} when it has none)."""
+    for c in ((obj or {}).get("status") or {}).get("conditions") or ():
+        if c.get("type") == type_:
+            return dict(c)
+    return {}
 
 
 def secret_entries(secret: Mapping[str, Any]) -> dict[str, str]:
