@@ -103,3 +103,16 @@ clean: dev-down ## remove the venv and generated code (keeps the binary cache)
 
 soak: install binaries ## long run with faults (SOAK_MINUTES=15) -> bench/results/soak.{json,png}
 	$(BIN)/python bench/soak.py
+
+# -- containers: podman, no Docker engine, no registry (docs/kind.md) ------------------------
+.PHONY: image kind-build test-kind
+IMAGE ?= localhost/kustody:dev
+
+image: ## build the image with podman (its base made from Debian here unless PYTHON_IMAGE is set)
+	IMAGE=$(IMAGE) bash tools/image/build.sh
+
+kind-build: install binaries ## kind, its node image and every image it preloads (built once, cached)
+	$(BIN)/python tools/kind/build.py
+
+test-kind: install binaries ## the image and kind end-to-end tests alone (tests/kind)
+	$(BIN)/pytest tests/kind
