@@ -260,14 +260,10 @@ async def test_the_tokens_longer_waiting_period_wins_destruction_not_due() -> No
     assert op.hsm.state("ring", 1) is VersionState.DESTROYED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a DestroyVersion refused with DESTRUCTION_NOT_DUE still counts as a step "
-    "taken, so reconcile returns 1.0 and the KeyRing calls DestroyVersion every second until "
-    "the token's waiting period ends (hours or days of 1 Hz calls and audit lines)",
-)
 @scenario
 async def test_a_refused_destruction_is_not_retried_every_second() -> None:
+    """A DestroyVersion refused with DESTRUCTION_NOT_DUE (the token's own waiting period is
+    longer) is tried again at the resync, not every second."""
     op = FakeOperator(min_destroy_delay=48 * 3600)
     await retiring_ring(op)
     await rotate(op)

@@ -35,6 +35,8 @@ from kustody.domain.specs import DeletionPolicy, KeyRingSpec, RotationPolicySpec
 
 __all__ = ["FINALIZER", "RESYNC_SECONDS", "reconcile", "resolve_policy"]
 
+NOT_DUE_RETRY_SECONDS = RESYNC_SECONDS
+
 
 def resolve_policy(rt: Runtime, spec: KeyRingSpec) -> tuple[RotationPolicySpec | None, str | None]:
     """The KeyRing's policy, or why it cannot be used."""
@@ -116,10 +118,11 @@ async def _retire(p: KeyRingPass, spec: KeyRingSpec, policy: RotationPolicySpec 
 
     refs = await references(p.rt, p.name, spec.allowed, fresh=False)
     planned = plan(refs)
+    taken = refused = 0
     if planned.actions:
         refs = await references(p.rt, p.name, spec.allowed, fresh=True)
         planned = plan(refs)
-        await retirement.apply(p, planned.actions, policy)
+        taken, refused = await retirement.apply(p, planned.actions, policy)
     if restore_request is not None:
         p.status["lastRestoreRequest"] = restore_request
         await p.save()
@@ -127,7 +130,10 @@ async def _retire(p: KeyRingPass, spec: KeyRingSpec, policy: RotationPolicySpec 
         await p.rt.events.warning(
             p.obj, "RetirementBlocked", f"version {version} is not disabled: {why}"
         )
-    return _Retired(bool(planned.actions), refs, planned.next_due)
+    # A destruction the token refused as not due yet (its own waiting period is longer than
+    # the status says) is tried again at the resync, not at once.
+    next_due = p.now + dt.timedelta(seconds=NOT_DUE_RETRY_SECONDS) if refused else planned.next_due
+    return _Retired(taken > 0, refs, next_due)
 
 
 async def _invalid_spec(p: KeyRingPass, exc: InvalidSpec) -> None:

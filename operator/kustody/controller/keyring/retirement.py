@@ -38,18 +38,23 @@ async def restore_request(p: KeyRingPass) -> tuple[frozenset[int], str | None]:
 
 async def apply(
     p: KeyRingPass, actions: Sequence[lifecycle.Action], policy: RotationPolicySpec | None
-) -> None:
+) -> tuple[int, int]:
+    """Take the steps; returns (steps taken, destructions the token said are not due yet)."""
     by_version = {v.version: v for v in p.versions}
+    taken = refused = 0
     for action in actions:
         v = by_version[action.version]
         if not await _in_token(p, action, v):
+            refused += 1
             continue
+        taken += 1
         new = lifecycle.apply(v, action, p.now, policy)
         by_version[v.version] = new
         p.set_versions(list(by_version.values()))
         await p.save()
         p.rt.metrics.lifecycle.labels(str(new.state)).inc()
         await _announce(p, action, new)
+    return taken, refused
 
 
 async def _in_token(p: KeyRingPass, action: lifecycle.Action, v: Version) -> bool:
