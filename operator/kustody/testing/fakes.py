@@ -1462,5 +1462,9 @@ def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 def secret_entries(secret: Mapping[str, Any]) -> dict[str, str]:
-    """A Secret's ``data``, decoded (for assertions)."""
-    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    """A Secret's ``data``, decoded (for assertions; bytes that are not UTF-8, such as a
+    plaintext key, come back backslash-escaped)."""
+    return {
+        k: base64.b64decode(v).decode("utf-8", "backslashreplace")
+        for k, v in (secret.get("data") or {}).items()
+    }
