@@ -1,0 +1,170 @@
+"""EscrowAgents and the escrow step of a KeyRing pass, against the fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from kustody.controller.escrow import reconciler as escrow_reconciler
+from kustody.domain.escrow import parse_public_key
+from kustody.domain.specs import ROTATE_ANNOTATION
+from kustody.domain.timestamps import format_time
+from kustody.kube.resources import ESCROW_AGENTS, KEYRINGS, SECRETS
+from kustody.testing.fakes import FakeOperator, condition, keyring
+
+NS = "shop"
+
+
+def scenario(body: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    def test() -> None:
+        asyncio.run(body())
+
+    test.__doc__ = body.__doc__
+    return test
+
+
+@functools.cache
+def agent_pem(name: str) -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def agent(name: str, jurisdiction: str = "DE", pem: str | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {"publicKey": pem if pem is not None else agent_pem(name),
+                 "jurisdiction": jurisdiction, "contact": f"{name}@example"},
+    }  # fmt: skip
+
+
+def admit(op: FakeOperator, name: str) -> str:
+    fingerprint = parse_public_key(agent_pem(name)).fingerprint
+    op.hsm.admitted_agents.add(fingerprint)
+    return fingerprint
+
+
+def packages(op: FakeOperator) -> list[str]:
+    return [s["metadata"]["name"] for s in op.kube.objects(SECRETS, op.namespace)]
+
+
+# -- EscrowAgent -----------------------------------------------------------------------------
+
+
+@scenario
+async def test_an_agent_is_ready_once_the_token_admits_its_key() -> None:
+    op = FakeOperator()
+    op.kube.add(ESCROW_AGENTS, agent("alice"))
+    await op.run_until_idle()
+    obj = op.kube.object(ESCROW_AGENTS, "alice") or {}
+    fingerprint = parse_public_key(agent_pem("alice")).fingerprint
+    assert obj["status"]["fingerprint"] == fingerprint
+    assert obj["status"]["admitted"] is False
+    assert obj["status"]["keyBits"] == 3072
+    assert condition(obj, "Ready")["reason"] == "NotAdmitted"
+    assert op.events.reasons("alice") == ["NotAdmitted"]
+
+    admit(op, "alice")  # the Security Officer, outside the cluster
+    await op.advance(30)  # the agent is looked at again on its own
+    obj = op.kube.object(ESCROW_AGENTS, "alice") or {}
+    assert obj["status"]["admitted"] is True
+    assert condition(obj, "Ready")["reason"] == "Admitted"
+    assert op.events.reasons("alice") == ["NotAdmitted", "Admitted"]
+    op.kube.calls.clear()
+    assert await escrow_reconciler.reconcile_agent(op.rt, "alice") == 300.0
+    assert op.kube.writes() == []
+
+
+@scenario
+async def test_an_unusable_public_key_is_reported() -> None:
+    op = FakeOperator()
+    op.kube.add(ESCROW_AGENTS, agent("bob", pem="-----BEGIN PRIVATE KEY-----\n..."))
+    await op.run_until_idle()
+    obj = op.kube.object(ESCROW_AGENTS, "bob") or {}
+    ready = condition(obj, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidPublicKey")
+    assert "private key" in ready["message"]
+    assert obj["status"]["admitted"] is False
+    assert op.hsm.ops("escrow_agent_admitted") == []
+
+
+# -- the escrow step of a KeyRing ------------------------------------------------------------
+
+
+def escrowed_ring(name: str, agents: list[str], allowed: list[str]) -> dict[str, Any]:
+    return keyring(name, [NS], escrow={"agents": agents, "allowedJurisdictions": allowed})
+
+
+@scenario
+async def test_every_live_version_is_escrowed_once_to_each_admitted_allowed_agent() -> None:
+    op = FakeOperator()
+    admit(op, "alice")
+    op.kube.add(ESCROW_AGENTS, agent("alice", "DE"))
+    op.kube.add(KEYRINGS, escrowed_ring("ring", ["alice"], ["DE"]))
+    await op.run_until_idle()
+    obj = op.kube.object(KEYRINGS, "ring") or {}
+    assert condition(obj, "Escrowed")["reason"] == "Exported"
+    assert [(e["version"], e["agent"]) for e in obj["status"]["escrowExports"]] == [(1, "alice")]
+    assert obj["status"]["versions"][0]["escrowable"] is True
+    assert packages(op) == ["kustody-escrow-ring-v1-alice"]
+    assert "EscrowExported" in op.events.reasons("ring")
+    assert op.metric("kustody_escrow_exports_total", outcome="exported") == 1
+
+    value = format_time(op.clock())
+    op.kube.edit(KEYRINGS, "ring", {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
+    await op.run_until_idle()
+    obj = op.kube.object(KEYRINGS, "ring") or {}
+    assert [(e["version"], e["agent"]) for e in obj["status"]["escrowExports"]] == [
+        (1, "alice"), (2, "alice"),
+    ]  # fmt: skip
+    await op.advance(hours=1)
+    assert len(op.hsm.ops("export_escrow")) == 2  # never made again
+    assert op.metric("kustody_escrow_exports_total", outcome="exported") == 2
+
+
+@scenario
+async def test_agents_outside_the_jurisdictions_or_not_admitted_are_refused() -> None:
+    op = FakeOperator()
+    admit(op, "faraway")
+    op.kube.add(ESCROW_AGENTS, agent("faraway", "US"))
+    op.kube.add(ESCROW_AGENTS, agent("stranger", "DE"))
+    op.kube.add(KEYRINGS, escrowed_ring("narrow", ["faraway"], ["DE", "FR"]))
+    op.kube.add(KEYRINGS, escrowed_ring("lonely", ["stranger"], ["DE"]))
+    await op.run_until_idle()
+    narrow = condition(op.kube.object(KEYRINGS, "narrow"), "Escrowed")
+    assert (narrow["status"], narrow["reason"]) == ("False", "AgentRefused")
+    assert "faraway" in narrow["message"]
+    assert "US" in narrow["message"]
+    lonely = condition(op.kube.object(KEYRINGS, "lonely"), "Escrowed")
+    assert "not admitted" in lonely["message"]
+    assert packages(op) == []
+    assert op.hsm.ops("export_escrow") == []
+    assert "EscrowAgentRefused" in op.events.reasons("narrow")
+
+
+@scenario
+async def test_a_version_created_before_escrow_was_switched_on_is_reported() -> None:
+    op = FakeOperator()
+    admit(op, "alice")
+    op.kube.add(ESCROW_AGENTS, agent("alice", "DE"))
+    op.kube.add(KEYRINGS, keyring("late", [NS]))
+    await op.run_until_idle()
+    escrow = {"agents": ["alice"], "allowedJurisdictions": ["DE"]}
+    op.kube.edit(KEYRINGS, "late", {"spec": {"escrow": escrow}})
+    await op.run_until_idle()
+    late = condition(op.kube.object(KEYRINGS, "late"), "Escrowed")
+    assert late["reason"] == "VersionNotEscrowable"
+    assert "rotate" in late["message"]
+    value = format_time(op.clock())
+    op.kube.edit(KEYRINGS, "late", {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
+    await op.run_until_idle()
+    obj = op.kube.object(KEYRINGS, "late") or {}
+    assert [(e["version"], e["agent"]) for e in obj["status"]["escrowExports"]] == [(2, "alice")]
+    assert [v["escrowable"] for v in obj["status"]["versions"]] == [False, True]
