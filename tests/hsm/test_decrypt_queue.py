@@ -1,4 +1,4 @@
-"""Concurrent decrypts share one worker request (keyservice._DecryptQueue): a caller that
+"""Concurrent decrypts share one worker request (keyservice._Coalescer): a caller that
 gives up must not leave that request's bookkeeping behind, or every later decrypt of the
 sidecar waits for ever (found by the unwrap audit work, issue 9)."""
 

@@ -11,7 +11,7 @@ import pkcs11
 import pytest
 from kustody.api.errors import HsmError, Reason
 from kustody.dev.tokens import DevToken
-from kustody.domain.aad import Binding
+from kustody.domain.aad import Binding, KmsBinding
 from kustody.domain.envelope import Envelope
 from kustody.domain.keyversion import KeyVersionRef, VersionState
 from kustody.pkcs11 import thread
@@ -367,3 +367,40 @@ def test_concurrent_decrypts_are_coalesced_but_answered_one_by_one(
     assert answers[2] == keys[2].plaintext  # type: ignore[union-attr]
     assert isinstance(answers[3], HsmError)
     assert answers[3].reason is Reason.VERSION_DISABLED
+
+
+def test_concurrent_kms_seals_are_coalesced_but_answered_one_by_one(
+    key_service: KeyService, ring: str
+) -> None:
+    """KMS seeds sealed together share one worker request; each caller gets its own envelope
+    (distinct nonces, bound to its version's key_id) or its own error."""
+    run(key_service.create_key_version(ring, 1))
+    run(key_service.create_key_version(ring, 2))
+    seeds = [os.urandom(32) for _ in range(30)]
+
+    async def all_at_once() -> list[Any]:
+        calls = [
+            key_service.seal_kms(ring if i % 7 != 4 else f"{ring}-none", None if i % 3 else 1, seed)
+            for i, seed in enumerate(seeds)
+        ]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0)  # every task has made its call: one is at the worker, 29 wait
+        tasks[11].cancel()  # a caller that goes away
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    answers = run(all_at_once())
+    nonces = set()
+    for i, (seed, answer) in enumerate(zip(seeds, answers, strict=True)):
+        if i == 11:
+            assert isinstance(answer, asyncio.CancelledError)
+            continue
+        if i % 7 == 4:
+            assert isinstance(answer, HsmError)
+            assert answer.reason in (Reason.NO_PRIMARY_VERSION, Reason.VERSION_NOT_FOUND)
+            continue
+        envelope, info = answer
+        assert info.ref.version == envelope.key.version == (2 if i % 3 else 1)
+        nonces.add(envelope.nonce)
+        key_id = info.ref.kms_key_id(info.fingerprint)
+        assert run(key_service.decrypt(envelope, KmsBinding(key_id))) == seed
+    assert len(nonces) == len([i for i in range(30) if i != 11 and i % 7 != 4])

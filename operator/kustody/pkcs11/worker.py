@@ -326,6 +326,48 @@ def _seal(
     return info_wire(info), nonce, sealed
 
 
+def _seal_many(store: KekStore, items: list[tuple[str, int | None, bytes]]) -> list[Any]:
+    """KMS v2 seeds that arrived together (coalesced by the front end): per item
+    ``(info, nonce, sealed)`` as :func:`_seal` answers, or the item's error. Resolution, the
+    version's info, key and AAD once per (KeyRing, version); the nonces from one
+    C_GenerateRandom. A lost token aborts the whole request."""
+    nb = store.nonce_bytes  # 0 when the token generates the IVs itself
+    rnd = store.random(nb * len(items)) if items and nb else b""
+    versions: dict[tuple[str, int | None], tuple[Any, Any, bytes, wire.WireInfo] | HsmError] = {}
+    encrypt = store.encrypt
+    results: list[Any] = []
+    for i, (ring, version, plaintext) in enumerate(items):
+        if not 0 < len(plaintext) <= MAX_PLAINTEXT_BYTES:
+            results.append(
+                _error(HsmError(Reason.INVALID_ARGUMENT, "plaintext size is out of range"))
+            )
+            continue
+        found = versions.get((ring, version))
+        if found is None:
+            try:
+                ref = store.resolve(ring, version)
+                info = store.info(ref)
+                key = store.usable_key(ref)
+                aad = header_for(ref) + KmsBinding(ref.kms_key_id(info.fingerprint)).encode()
+                found = (ref, key, aad, info_wire(info))
+            except HsmError as exc:
+                found = exc
+            except DomainError as exc:
+                found = from_domain(exc)
+            versions[(ring, version)] = found
+        if isinstance(found, HsmError):
+            results.append(_error(found))
+            continue
+        ref, key, aad, info_on_wire = found
+        try:
+            nonce, sealed = encrypt(key, ref, plaintext, rnd[i * nb : (i + 1) * nb], aad)
+        except HsmError as exc:
+            results.append(_error(exc))
+            continue
+        results.append((info_on_wire, nonce, sealed))
+    return results
+
+
 def _describe(store: KekStore, ring: str) -> tuple[int | None, tuple[wire.WireInfo, ...]]:
     return store.primary(ring), tuple(info_wire(i) for i in store.versions(ring))
 
@@ -345,6 +387,8 @@ def _dispatch(token: Token, op: int, args: Any) -> Any:
         token.check(force=bool(args[0]))
         return None
     if op == wire.Op.SEAL:
+        if isinstance(args, list):  # several seeds: one answer per item (see _seal_many)
+            return token.run(lambda s: _seal_many(s, args))
         return token.run(lambda s: _seal(s, *args))
     if op == wire.Op.INFO:
         ring, version = args

@@ -10,8 +10,9 @@ Two things keep the two processes busy at once rather than taking turns:
   results are handed back chunk by chunk (:meth:`KeyService.generate_data_key_chunks`,
   :meth:`KeyService.rewrap_chunks`): the worker seals chunk *k* while the caller decodes chunk
   *k+1* or encodes chunk *k-1*; it is still one call (one gRPC request) for the caller;
-* concurrent :meth:`KeyService.decrypt` calls made in the same event-loop iteration are
-  coalesced into one worker request (one frame each way instead of one per call).
+* concurrent :meth:`KeyService.decrypt` calls, and concurrent :meth:`KeyService.seal_kms`
+  calls, are coalesced into one worker request each (one frame each way instead of one per
+  call; for seals also one C_GenerateRandom for all the nonces).
 
 The operator's gRPC servicer, the KMS v2 plugin and the workload unwrap service
 (:mod:`kustody.sidecar.unwrap`) all use this class; each applies its own policy (who may call what,
@@ -44,8 +45,9 @@ MAX_BATCH_ITEMS = 1000
 # per-request cost (a frame each way, one RNG call) stays small.
 CHUNK_ITEMS = 32
 FIRST_CHUNK_ITEMS = 8  # the first chunks are smaller (8, 16, then 32): the worker starts sooner
-# Decrypt requests at the worker at once; more decrypts wait and then go together.
+# Decrypt (and KMS seal) requests at the worker at once; more wait and then go together.
 DECRYPTS_IN_FLIGHT = 1
+SEALS_IN_FLIGHT = 1
 
 T = TypeVar("T")
 # What SetVersionState may set (DESTROYED only through DestroyVersion).
@@ -197,23 +199,27 @@ class _Shared:
         self._finish()
 
 
-class _DecryptQueue:
-    """Concurrent decrypts go to the worker together: at most ``max_in_flight`` decrypt
-    requests are at the worker; calls made meanwhile wait here and go as one request when one
-    comes back. A call made while none is in flight is sent at once, so nothing waits for a
-    timer; under load one frame each way carries several decrypts, which costs the event loop
-    less than a frame (and a wake-up) per call.
+class _Coalescer:
+    """Concurrent calls of one batch operation (``op``: DECRYPT, or SEAL with a list) go to
+    the worker together: at most ``max_in_flight`` such requests are at the worker; calls made
+    meanwhile wait here and go as one request when one comes back. A call made while none is
+    in flight is sent at once, so nothing waits for a timer; under load one frame each way
+    carries several calls, which costs the event loop less than a frame (and a wake-up) per
+    call.
     """
 
-    def __init__(self, connection: HsmConnection, max_in_flight: int = DECRYPTS_IN_FLIGHT) -> None:
+    def __init__(
+        self, connection: HsmConnection, op: Op, max_in_flight: int = DECRYPTS_IN_FLIGHT
+    ) -> None:
         self._connection = connection
+        self._op = op
         self._max_in_flight = max_in_flight
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._items: list[tuple[str, int, bytes, bytes, bytes]] = []
+        self._items: list[tuple[Any, ...]] = []
         self._futures: list[asyncio.Future[Any]] = []
         self._in_flight = 0
 
-    def submit(self, item: tuple[str, int, bytes, bytes, bytes]) -> asyncio.Future[Any]:
+    def submit(self, item: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new loop (tests run one per call): nothing carries over
             _Shared(self._futures).cancel()
@@ -233,7 +239,7 @@ class _DecryptQueue:
         self._items, self._futures = [], []
         shared = _Shared(futures, self._answered)
         try:
-            self._connection.submit(Op.DECRYPT, items, shared)
+            self._connection.submit(self._op, items, shared)
         except HsmError as exc:
             shared.on_done = None
             shared.set_exception(exc)
@@ -261,7 +267,9 @@ def _settle(futures: Iterable[asyncio.Future[Any] | None]) -> None:
 class KeyService:
     def __init__(self, connection: HsmConnection) -> None:
         self.connection = connection
-        self._decrypts = _DecryptQueue(connection)
+        self._decrypts = _Coalescer(connection, Op.DECRYPT, DECRYPTS_IN_FLIGHT)
+        self._seals = _Coalescer(connection, Op.SEAL, SEALS_IN_FLIGHT)
+        self._infos: dict[Any, VersionInfo] = {}  # wire form -> VersionInfo (seal_kms answers)
 
     def _submit(self, op: Op, args: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -393,7 +401,7 @@ class KeyService:
     async def decrypt(self, envelope: Envelope, binding: Binding | KmsBinding) -> bytes:
         """The plaintext of a wrapped key. Callers decide who may receive it.
 
-        Concurrent calls are coalesced into one worker request (see :class:`_DecryptQueue`);
+        Concurrent calls are coalesced into one worker request (see :class:`_Coalescer`);
         each still gets its own result or its own error."""
         key = envelope.key
         aad = associated_data(envelope.header, binding)
@@ -454,12 +462,20 @@ class KeyService:
         self, key_ring: str, version: int | None, plaintext: bytes
     ) -> tuple[Envelope, VersionInfo]:
         """Seal a KMS v2 seed under ``version`` (None: the primary), bound to that version's
-        key_id; one trip to the worker. Returns the envelope and the version used."""
+        key_id. Returns the envelope and the version used.
+
+        Concurrent calls are coalesced into one worker request (see :class:`_Coalescer`); each
+        still gets its own result or its own error."""
         _check_plaintext(plaintext)
-        info_wire, nonce, sealed = await self.connection.request(
-            Op.SEAL, (key_ring, version, plaintext)
-        )
-        info = info_from_wire(info_wire)
+        answer = await self._seals.submit((key_ring, version, plaintext))
+        if len(answer) == 2:
+            raise _item_error(answer)
+        info_wire, nonce, sealed = answer
+        info = self._infos.get(info_wire)
+        if info is None:
+            if len(self._infos) >= 256:  # bounded: versions change rarely
+                self._infos.clear()
+            info = self._infos[info_wire] = info_from_wire(info_wire)
         return Envelope(info.ref, nonce, sealed), info
 
 
