@@ -552,3 +552,39 @@ def deployment(name: str, opted_in: str | None = None) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": NS, "annotations": annotations},
         "spec": {"template": {"metadata": {"labels": {"app": name}}, "spec": {}}},
     }
+
+
+@scenario
+async def test_a_secret_stored_differently_than_written_is_not_ready() -> None:
+    """A mutating admission webhook changed the Secret: the write's response tells."""
+    op = FakeOperator()
+
+    def strip_keyset(obj: dict[str, Any]) -> None:
+        (obj.get("data") or {}).pop("keyset", None)
+
+    op.kube.mutate(SECRETS, strip_keyset)
+    op.kube.add(KEYRINGS, keyring("ring", [NS]))
+    op.kube.add(DATAKEYS, datakey("db", NS, "ring"))
+    await op.run_until_idle(horizon=0)
+    assert ready(dk(op))["reason"] == "SecretWriteFailed"
+    assert "stored a different Secret" in ready(dk(op))["message"]
+    assert op.metric("kustody_secret_write_failures_total") == 1
+    op.kube.mutate(SECRETS, None)
+    await op.run_until_idle()
+    assert ready(dk(op))["reason"] == "KeyAvailable"
+    assert "keyset" in (secret(op) or {})["data"]
+
+
+@scenario
+async def test_no_plaintext_key_in_events_or_any_status() -> None:
+    op = FakeOperator()
+    await setup(op, ring_spec={"allowPlaintextExport": True}, exposePlaintext=True)
+    await rotate(op)
+    plaintext = base64.b64decode((secret(op) or {})["data"]["plaintext-key"])
+    needles = (plaintext.hex(), plaintext.hex().upper(), base64.b64encode(plaintext).decode())
+    haystacks = [e.message for e in op.events.recorded]
+    haystacks += [json.dumps(o) for o in op.kube.objects(KEYRINGS) + op.kube.objects(DATAKEYS)]
+    haystacks += [json.dumps(c.body) for c in op.kube.calls if c.kind != "Secret"]
+    for text in haystacks:
+        for needle in needles:
+            assert needle not in text

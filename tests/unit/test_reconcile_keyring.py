@@ -15,9 +15,11 @@ from kustody.api.client import HsmError, Reason, VersionState
 from kustody.controller.keyring import reconciler as keyring_reconciler
 from kustody.domain.specs import RESTORE_ANNOTATION, ROTATE_ANNOTATION
 from kustody.domain.timestamps import format_time, parse_time
+from kustody.kube.errors import Unavailable
 from kustody.kube.resources import DATAKEYS, KEYRINGS, ROTATION_POLICIES, SECRETS
 from kustody.testing.fakes import (
     FakeOperator,
+    api_error,
     condition,
     datakey,
     keyring,
@@ -516,3 +518,59 @@ async def test_an_unreadable_spec_is_reported_and_nothing_is_provisioned() -> No
     await op.run_until_idle()
     assert op.kube.object(KEYRINGS, "ring") is None
     assert op.hsm.calls == []
+
+
+# -- the API server --------------------------------------------------------------------------
+
+
+@scenario
+async def test_an_api_outage_mid_rotation_makes_the_new_version_once() -> None:
+    op = FakeOperator()
+    await ready_ring(op)
+    op.kube.fail_next("patch_status", KEYRINGS, api_error(500, message="etcd is down"))
+    await rotate(op)  # the status write after CreateKeyVersion fails; the retry finishes it
+    assert isinstance(op.errors()[-1], Unavailable)
+    assert ring(op)["status"]["primaryVersion"] == 2
+    assert op.hsm.states("ring") == {1: VersionState.ENABLED, 2: VersionState.ENABLED}
+    assert [c.version for c in op.hsm.ops("create_key_version")] == [1, 2, 2]  # idempotent
+    assert op.events.reasons("ring").count("Rotated") == 1
+    assert op.metric("kustody_rotations_total", outcome="success") == 1
+
+
+@scenario
+async def test_the_operator_never_writes_a_spec() -> None:
+    """GitOps: applying the same manifests again changes nothing (generation stays 1)."""
+    op = FakeOperator()
+    await retiring_ring(op)
+    op.kube.add(DATAKEYS, datakey("db", NS, "ring"))
+    await op.run_until_idle()
+    await rotate(op)
+    await op.advance(hours=24)
+    assert states(op) == ["Destroyed", "Enabled"]
+    ours = ("KeyRing", "DataKey", "RotationPolicy")
+    assert op.kube.writes()
+    for call in op.kube.writes():
+        if call.kind in ours:
+            assert "spec" not in (call.body or {}), call
+    for res, name, ns in ((KEYRINGS, "ring", None), (DATAKEYS, "db", NS)):
+        assert (op.kube.object(res, name, ns) or {})["metadata"]["generation"] == 1
+
+
+@scenario
+async def test_a_datakey_deleted_while_the_watch_was_broken_stops_counting_after_a_relist() -> None:
+    from kustody.controller import watch
+
+    op = FakeOperator()
+    await retiring_ring(op, rewrap="Manual")
+    op.kube.add(DATAKEYS, datakey("held", NS, "ring"))
+    await op.run_until_idle()
+    await rotate(op)
+    assert states(op)[0] == "Enabled"  # held by the DataKey
+    op.kube.remove(DATAKEYS, "held", NS)
+    assert op.skip_events() > 0  # the watch missed the deletion
+    await op.advance(hours=1)
+    assert states(op)[0] == "Enabled"  # the cache still has it
+    await watch.prune(op.rt, op.kube)  # the relist after the watch came back
+    assert op.rt.datakeys.get(NS, "held") is None
+    await op.run_until_idle()
+    assert states(op)[0] == "DestroyScheduled"

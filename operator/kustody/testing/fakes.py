@@ -416,6 +416,7 @@ class FakeKube:
         self._faults: list[_Fault] = []
         self._changes: list[tuple[str, Resource, dict[str, Any]]] = []
         self.calls: list[Call] = []
+        self._mutators: dict[str, Callable[[dict[str, Any]], None]] = {}
 
     # -- for tests ---------------------------------------------------------------------------
 
@@ -434,6 +435,14 @@ class FakeKube:
         ("Secret"), None for any; ``verb`` as in :class:`Call`, "*" for any."""
         kind = res.kind if isinstance(res, Resource) else res
         self._faults.append(_Fault(verb, kind, name, namespace, error, times))
+
+    def mutate(self, res: Resource, change: Callable[[dict[str, Any]], None] | None) -> None:
+        """Like a mutating admission webhook: ``change`` edits every object of ``res`` that a
+        request creates or patches, before it is stored (None: no more)."""
+        if change is None:
+            self._mutators.pop(res.kind, None)
+        else:
+            self._mutators[res.kind] = change
 
     def requests(
         self,
@@ -645,6 +654,8 @@ class FakeKube:
         if _has_status_subresource(res):
             meta["generation"] = 1
         _fold_secret(res, obj)
+        if (change := self._mutators.get(res.kind)) is not None:
+            change(obj)
         meta["resourceVersion"] = self._next_rv()
         self._objects[key] = obj
         self._changes.append(("ADDED", res, obj))
@@ -714,6 +725,8 @@ class FakeKube:
                 "if the object is being deleted",
             )  # fmt: skip
         _fold_secret(res, new)
+        if (change := self._mutators.get(res.kind)) is not None:
+            change(new)
         meta["resourceVersion"] = old_meta["resourceVersion"]
         if "generation" in old_meta:
             meta["generation"] = old_meta["generation"]
@@ -1339,6 +1352,12 @@ class FakeOperator:
                 self._secret_event(secret_event, type_, obj)
             elif (handler := handlers.get(res.kind)) is not None:
                 handler(self.rt, {"type": type_, "object": obj})
+        return len(changes)
+
+    def skip_events(self) -> int:
+        """Lose what changed since the last delivery (a watch that broke): the stores keep
+        their old view until a relist (``kustody.controller.watch.prune``)."""
+        changes, self._cursor = self.kube.changes_since(self._cursor)
         return len(changes)
 
     def _secret_event(
