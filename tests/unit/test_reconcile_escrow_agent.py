@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from kustody.controller.escrow import reconciler as escrow_reconciler
 from kustody.domain.escrow import parse_public_key
 from kustody.domain.specs import ROTATE_ANNOTATION
@@ -27,14 +24,53 @@ def scenario(body: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None
     return test
 
 
-@functools.cache
+# Public halves of 3072-bit RSA keys made once for these tests (generating them per run
+# would cost up to seconds); no private key exists anywhere.
+AGENT_PEMS = {
+    "alice": """\
+-----BEGIN PUBLIC KEY-----
+MIIBojANBgkqhkiG9w0BAQEFAAOCAY8AMIIBigKCAYEAl/2DMXpeLo1Age/H/U9U
++0kMJ61VroKxiEPJywJk7DZgZB6CUrQopGcIz9+e90YCL49BdvjyyPxxoc2UmJat
+m4+lWIzGOfyWEoCd3RM2AKglj2X2no9AGOvQB7RHGG5DqSGsXIK/SW1QFV5YAGX5
+YULmuOowyaFe2QyiE8OGZh5wnTlnQMSbJUHlujPZgbkcpuCnPKhBEA8AbvXsrhEa
+BjMOF+UDv8eKxvkW/0SlVZ3qpsk7OR3qUGyysrWIatXHLIyHbNpnjdpCYJnlQNQg
+Wb0mt9mbhhTb3lhzWxorTnYuibKevW9c+nwOFAMAR7mv0zHEw42AhwaWUzCzz8dq
+pjWzCOxSSCdwLqppsLSedbnIE36boyGkuRyzbxL1338OXdyNMeJx5bzp5IhFQblF
+FMLkHEoE8PenRoaJNDH1sMHFlaqSS78bXWNr6pu4GkNrF2ab6ZKrHg4TfxyDdNxT
+DmP6PRr+pfS72feZc49QgqzokyjJa+Ua2XxtUaPXA0vtAgMBAAE=
+-----END PUBLIC KEY-----
+""",
+    "faraway": """\
+-----BEGIN PUBLIC KEY-----
+MIIBojANBgkqhkiG9w0BAQEFAAOCAY8AMIIBigKCAYEAw6kq6Czt6hw4sRNWbLCQ
+jFrBASIjzRnk4ac9hWi7UNNxIeIWUVtpGmg4UqNRrHNWqNq7gzPu2pmeSldf2qBI
+u4JNGjAaSxSxyDkQhudLco5A+BFNuqlepf/5czySkeFd9yqFgT8QdQEaSzSjTLh0
+I0YkxyVNIiHAp3yQyeR5YI7SV0TGAAlDUd4mqy0HbX5LLgAiFIV7wTPuU0m+XHy/
+WJymhbn7BAMc3xkueG9vP1Q0LvqoRRpoMBjWa2CKPjcxEziR/MOv9yyswEzibyTk
+N+xFPAqj/Fn6weJzJrc+E/JVljVe4smN8gh/97dyOJ1L4rTlBX7eOy6HUduD4kD6
+xxNFspDsQlSFEFtLXixv2v7UqPu8aBxm9c+puoSJyPQ7VjDSwQJMBTA9p5Mpg5zM
+6rpkjlqxXvSRH06mutA1+tpD7Qfq0l4eY8JZgd+8G3ztAFdPxtVQf1nT8IeSwV3X
+nVpxUJ3Jf2ZMbhI+dIYJiX4nqWMaDBLSzQWNTzjkq2ejAgMBAAE=
+-----END PUBLIC KEY-----
+""",
+    "stranger": """\
+-----BEGIN PUBLIC KEY-----
+MIIBojANBgkqhkiG9w0BAQEFAAOCAY8AMIIBigKCAYEAqL+qGIcNnv7rBFKQJPSt
+qtloJE0ql54Ez4rlqdUx98LI1L1JCefmyppR9jGBMIdMYUlAytlYxXUZ8uQyo9eJ
+2Ra9heiwjdkT2UkiW//+qzsPoNcKrEHJwRcuz/N3YCgAfcNL3LdEdcl18lCT/7m5
+ufYi9qV1yOJirnbEBvH/Th00RqlbgsDjubSM8EmjHcw3xEWnpwUE6kO7YP6R565x
+thIA0WhgyXqtxRZZUTeB/7IQyee+bWL8SFT5bVqQo58mIkgdNwnwL3s4lMYjkVG/
+TDiW4eiyz2rbOmpGhh3N2oyC839V9CJV8+KjtSZLLl7peVkLVSZgA5c6t94/qrw0
+TwemHe+aN6gH4+Qj5sEgPZGqnd87Fm0kTTH33A6Gnx3587i5MyA8BRMO44VqUkr9
+ogswrQydM1gmER9pZObkS1Ump7uIQoqe6QzWWvec/gtyEL6GjnRdBMmUcjJkxmwx
+jitZ61N9fTDy21CX3xuO0Mea1eULLMtjCTNGhvCU8B4/AgMBAAE=
+-----END PUBLIC KEY-----
+""",
+}
+
+
 def agent_pem(name: str) -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    return AGENT_PEMS[name]
 
 
 def agent(name: str, jurisdiction: str = "DE", pem: str | None = None) -> dict[str, Any]:
