@@ -363,3 +363,29 @@ def test_fake_operator_delivers_watch_events_through_the_real_handlers() -> None
     assert len(op.rt.secrets) == 0  # a labelled Secret no DataKey owns is not held
     assert op.rt.queue.pop() == ("KeyRing", "", "ring")
     assert op.deliver() == 0
+
+
+def test_fake_operator_steps_as_a_worker_conflicts_again_soon_errors_back_off() -> None:
+    async def body() -> None:
+        op = FakeOperator()
+        op.kube.add(KEYRINGS, _keyring())
+        op.kube.fail_next("patch", KEYRINGS, api_error(409))  # adding the finalizer
+        op.deliver()
+        outcome = await op.step()
+        assert outcome is not None
+        assert isinstance(outcome.error, Conflict)
+        assert op.rt.queue.due_in() == 0.5
+        assert await op.step() is None  # nothing due now
+
+        op.hsm.set_unavailable()
+        op.clock.advance(0.5)
+        outcome = await op.step()
+        assert outcome is not None
+        assert isinstance(outcome.error, HsmError)
+        assert op.rt.queue.due_in() == 0.5  # the first backoff
+        op.hsm.set_available()
+        assert await op.run_until_idle() >= 1
+        assert op.errors() == [e for e in op.errors() if isinstance(e, Conflict | HsmError)]
+        assert op.rt.queue.due_in() == 300.0  # the KeyRing's resync
+
+    asyncio.run(body())

@@ -72,7 +72,7 @@ from kustody.controller.runtime import (
 )
 from kustody.controller.workqueue import WorkQueue
 from kustody.domain.aad import associated_data
-from kustody.domain.envelope import NONCE_BYTES, Envelope
+from kustody.domain.envelope import NONCE_BYTES, Envelope, header_for
 from kustody.domain.errors import DomainError
 from kustody.domain.escrow import MECHANISM as ESCROW_MECHANISM
 from kustody.domain.keyversion import (
@@ -1208,8 +1208,7 @@ class FakeKeyService:
     def _seal(self, ref: KeyVersionRef, plaintext: bytes, binding: Binding) -> str:
         key = self._usable(ref)
         nonce = os.urandom(NONCE_BYTES)
-        header = Envelope(ref, nonce, bytes(17)).header
-        sealed = AESGCM(key).encrypt(nonce, plaintext, associated_data(header, binding))
+        sealed = AESGCM(key).encrypt(nonce, plaintext, associated_data(header_for(ref), binding))
         return Envelope(ref, nonce, sealed).to_text()
 
     def _open(self, envelope: Envelope, binding: Binding) -> bytes:
