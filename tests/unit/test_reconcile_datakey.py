@@ -17,6 +17,7 @@ from kustody.domain.envelope import Envelope
 from kustody.domain.keyset import KEEP_ANNOTATION, REGENERATE_ANNOTATION
 from kustody.domain.specs import ROTATE_ANNOTATION
 from kustody.domain.timestamps import format_time
+from kustody.kube.errors import Unavailable
 from kustody.kube.resources import DATAKEYS, KEYRINGS, NAMESPACES, SECRETS, WORKLOADS
 from kustody.kube.workloads import OPT_IN_ANNOTATION
 from kustody.testing.fakes import (
@@ -156,6 +157,9 @@ def test_a_conflict_or_an_unavailable_api_is_retried_not_reported(status: int) -
         assert ready(dk(op))["reason"] == "KeyAvailable"
         assert "SecretWriteFailed" not in op.events.reasons("db", NS)
         assert op.metric("kustody_secret_write_failures_total") == 0
+        # The retry publishes the key the status recorded before the failed write.
+        assert len(op.hsm.ops("batch_generate_data_keys")) == 1
+        assert secret_entries(secret(op) or {})["wrapped-key"] == dk(op)["status"]["wrappedKey"]
 
     asyncio.run(body())
 
@@ -275,6 +279,27 @@ async def test_a_regeneration_request_makes_new_key_material_once() -> None:
     assert dk(op)["status"]["lastRegenerateRequest"] == value
     await op.advance(hours=1)
     assert dk(op)["status"]["dekGeneration"] == 2
+
+
+@scenario
+async def test_a_regeneration_interrupted_before_the_secret_write_is_finished_not_repeated() -> (
+    None
+):
+    """As after a crash between the status write and the Secret write."""
+    op = FakeOperator()
+    await setup(op)
+    op.kube.fail_next("patch", SECRETS, api_error(500))
+    value = format_time(op.clock())
+    op.kube.edit(DATAKEYS, "db", {"metadata": {"annotations": {REGENERATE_ANNOTATION: value}}}, NS)
+    await op.run_until_idle()
+    assert [type(e) for e in op.errors()] == [Unavailable]  # the refused Secret write
+    status = dk(op)["status"]
+    assert status["dekGeneration"] == 2
+    assert len(op.hsm.ops("batch_generate_data_keys")) == 2  # generation 1 and 2, once each
+    live = secret(op) or {}
+    assert live["metadata"]["annotations"]["kustody.io/dek-generation"] == "2"
+    assert secret_entries(live)["wrapped-key"] == status["wrappedKey"]
+    assert ready(dk(op))["reason"] == "KeyAvailable"
 
 
 @scenario
