@@ -613,3 +613,132 @@ async def test_no_plaintext_key_in_events_or_any_status() -> None:
     for text in haystacks:
         for needle in needles:
             assert needle not in text
+
+
+# -- more of adoption and the KeyRing's state ------------------------------------------------
+
+
+def _ours(name: str = "db", ring: str = "ring") -> dict[str, str]:
+    return {
+        "app.kubernetes.io/managed-by": "kustody",
+        "kustody.io/datakey": name,
+        "kustody.io/keyring": ring,
+    }
+
+
+@pytest.mark.parametrize(
+    ("metadata", "data", "why"),
+    [
+        ({"labels": _ours(ring="other")}, {}, "labels"),
+        (
+            {
+                "labels": _ours(),
+                "ownerReferences": [
+                    {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x", "uid": "u",
+                     "controller": True},
+                ],
+            },
+            {"keyset": "e30="},
+            "controlled by Deployment x",
+        ),
+        ({"labels": _ours()}, {}, "no keyset entry"),
+        ({"labels": _ours()}, {"keyset": base64.b64encode(b"not json").decode()}, "cannot be"),
+    ],
+)  # fmt: skip
+def test_a_secret_that_cannot_be_adopted_is_left_untouched(
+    metadata: dict[str, Any], data: dict[str, str], why: str
+) -> None:
+    async def body() -> None:
+        op = FakeOperator()
+        body = {"metadata": {"name": "db-dek", "namespace": NS, **metadata}, "data": data}
+        before = op.kube.add(SECRETS, body)
+        await setup(op)
+        ready_ = ready(dk(op))
+        assert ready_["reason"] == "SecretConflict"
+        assert why in ready_["message"]
+        assert secret(op) == before
+        assert op.hsm.ops("batch_generate_data_keys") == []
+
+    asyncio.run(body())
+
+
+@scenario
+async def test_an_adoption_interrupted_before_the_secret_is_owned_is_finished() -> None:
+    op = FakeOperator()
+    restored, key = await orphaned_secret(op)
+    op.kube.add(SECRETS, restored)
+    op.kube.add(DATAKEYS, datakey("db", NS, "ring"))
+    op.kube.fail_next("patch", SECRETS, api_error(500))  # taking the Secret over fails once
+    await op.run_until_idle()
+    assert [type(e) for e in op.errors()] == [Unavailable]
+    obj = dk(op)
+    assert ready(obj)["reason"] == "KeyAvailable"
+    assert dek(op, obj["status"]["wrappedKey"]) == key
+    live = secret(op) or {}
+    assert live["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+    assert "kustody.io/restored-from" in live["metadata"]["annotations"]
+    assert op.events.reasons("db", NS).count("Adopted") == 1
+    assert op.metric("kustody_datakey_adoptions_total", outcome="adopted") == 1
+    assert len(op.hsm.ops("batch_generate_data_keys")) == 1
+
+
+@scenario
+async def test_a_secret_with_keys_of_another_keyring_is_not_adopted() -> None:
+    op = FakeOperator()
+    op.kube.add(KEYRINGS, keyring("other", [NS]))
+    await setup(op, name="db", ring="other")
+    live = secret(op) or {}
+    op.kube.remove(DATAKEYS, "db", NS)
+    await op.run_until_idle()
+    labels = {**live["metadata"]["labels"], "kustody.io/keyring": "ring"}
+    op.kube.add(SECRETS, {"metadata": {"name": "db-dek", "namespace": NS, "labels": labels},
+                          "data": live["data"]})  # fmt: skip
+    await setup(op, name="db", ring="ring")
+    assert ready(dk(op))["reason"] == "AdoptionRefused"
+    assert "KeyRing other" in ready(dk(op))["message"]
+    assert op.hsm.ops("batch_rewrap") == []
+
+
+@scenario
+async def test_a_keyring_that_is_not_ready_makes_the_datakey_wait() -> None:
+    op = FakeOperator()
+    op.kube.add(KEYRINGS, {"metadata": {"name": "broken"}, "spec": {"deletionPolicy": "?"}})
+    op.kube.add(DATAKEYS, datakey("a", NS, "broken"))
+    op.hsm.set_unavailable()  # the next KeyRing cannot make its version 1
+    op.kube.add(KEYRINGS, keyring("empty", [NS]))
+    op.kube.add(DATAKEYS, datakey("b", NS, "empty"))
+    await op.run_until_idle(horizon=0)
+    assert ready(dk(op, "a"))["reason"] == "KeyRingNotReady"
+    assert "unusable spec" in ready(dk(op, "a"))["message"]
+    assert ready(dk(op, "b"))["reason"] == "KeyRingNotReady"
+    assert "no primary version" in ready(dk(op, "b"))["message"]
+    op.hsm.set_available()
+    await op.run_until_idle()
+    assert ready(dk(op, "b"))["reason"] == "KeyAvailable"
+
+
+@scenario
+async def test_automatic_rewraps_wait_for_the_maintenance_window() -> None:
+    """A scheduled rotation falls in the window; a DataKey that could not be re-wrapped in it
+    (the HSM was away) waits for the next window. 2026-01-01 is a Thursday."""
+    from kustody.kube.resources import ROTATION_POLICIES
+    from kustody.testing.fakes import rotation_policy
+
+    op = FakeOperator()
+    window = {"days": ["Thu"], "start": "00:00", "duration": "1h"}
+    policy = rotation_policy("fortnight", rotationPeriod="336h", maintenanceWindow=window)
+    op.kube.add(ROTATION_POLICIES, policy)
+    await setup(op, ring_spec={"rotationPolicyRef": {"name": "fortnight"}})
+    op.hsm.fail_next("batch_rewrap", Reason.TOKEN_UNAVAILABLE, times=1000)
+    await op.advance(hours=336)  # Thursday, two weeks later: rotated, the re-wrap fails
+    assert (op.kube.object(KEYRINGS, "ring") or {})["status"]["primaryVersion"] == 2
+    assert dk(op)["status"]["keyRingVersion"] == 1
+    op.clock.advance(hours=2)  # the window has closed
+    op.hsm.clear_faults()  # the HSM is back
+    op.rt.enqueue("DataKey", NS, "db")
+    await op.run_until_idle()
+    assert dk(op)["status"]["keyRingVersion"] == 1  # not outside the window
+    assert ready(dk(op))["reason"] == "KeyAvailable"  # its key still works
+    await op.advance(hours=168 - 2)  # the next Thursday: no rotation due, the window opens
+    assert (op.kube.object(KEYRINGS, "ring") or {})["status"]["primaryVersion"] == 2
+    assert dk(op)["status"]["keyRingVersion"] == 2

@@ -204,3 +204,49 @@ async def test_a_version_created_before_escrow_was_switched_on_is_reported() -> 
     obj = op.kube.object(KEYRINGS, "late") or {}
     assert [(e["version"], e["agent"]) for e in obj["status"]["escrowExports"]] == [(2, "alice")]
     assert [v["escrowable"] for v in obj["status"]["versions"]] == [False, True]
+
+
+@scenario
+async def test_a_token_that_refuses_an_agent_the_status_calls_admitted_is_reported() -> None:
+    """The token was replaced (or the SO withdrew the key) since the agent was last looked at."""
+    op = FakeOperator()
+    admit(op, "alice")
+    op.kube.add(ESCROW_AGENTS, agent("alice", "DE"))
+    await op.run_until_idle()
+    op.hsm.admitted_agents.clear()
+    op.kube.add(KEYRINGS, escrowed_ring("ring", ["alice"], ["DE"]))
+    await op.run_until_idle()
+    escrowed = condition(op.kube.object(KEYRINGS, "ring"), "Escrowed")
+    assert (escrowed["status"], escrowed["reason"]) == ("False", "EscrowExportFailed")
+    assert "v1 → alice" in escrowed["message"]
+    assert op.metric("kustody_escrow_exports_total", outcome="refused") >= 1
+    assert packages(op) == []
+    assert "EscrowExportFailed" in op.events.reasons("ring")
+
+
+@scenario
+async def test_a_package_stored_before_a_crash_is_recorded_not_made_again() -> None:
+    op = FakeOperator()
+    admit(op, "alice")
+    op.kube.add(ESCROW_AGENTS, agent("alice", "DE"))
+    op.kube.add(KEYRINGS, escrowed_ring("ring", ["alice"], ["DE"]))
+    await op.run_until_idle()
+    recorded = (op.kube.object(KEYRINGS, "ring") or {})["status"]["escrowExports"]
+    # As if the operator died between storing the package and writing the status.
+    op.kube.edit(KEYRINGS, "ring", {"status": {"escrowExports": None}}, status=True)
+    await op.advance(hours=1)
+    again = (op.kube.object(KEYRINGS, "ring") or {})["status"]["escrowExports"]
+    assert [e["packageFingerprint"] for e in again] == [e["packageFingerprint"] for e in recorded]
+    assert again[0]["exportedAt"] == recorded[0]["exportedAt"]
+    assert len(op.hsm.ops("export_escrow")) == 1
+    assert op.events.reasons("ring").count("EscrowExported") == 1
+
+
+@scenario
+async def test_an_unusable_escrow_spec_is_reported() -> None:
+    op = FakeOperator()
+    op.kube.add(KEYRINGS, keyring("ring", [NS], escrow={"agents": [], "allowedJurisdictions": []}))
+    await op.run_until_idle()
+    escrowed = condition(op.kube.object(KEYRINGS, "ring"), "Escrowed")
+    assert (escrowed["status"], escrowed["reason"]) == ("False", "InvalidSpec")
+    assert op.hsm.ops("export_escrow") == []

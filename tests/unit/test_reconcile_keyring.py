@@ -574,3 +574,27 @@ async def test_a_datakey_deleted_while_the_watch_was_broken_stops_counting_after
     assert op.rt.datakeys.get(NS, "held") is None
     await op.run_until_idle()
     assert states(op)[0] == "DestroyScheduled"
+
+
+@scenario
+async def test_an_unusable_rotation_policy_is_named_in_ready() -> None:
+    op = FakeOperator()
+    op.kube.add(ROTATION_POLICIES, rotation_policy("bad", rotationPeriod="often"))
+    op.kube.add(KEYRINGS, keyring("ring", [NS], policy="bad"))
+    await op.run_until_idle()
+    ready = condition(ring(op), "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "RotationPolicyNotFound")
+    assert "cannot be used" in ready["message"]
+
+
+@scenario
+async def test_a_deleting_keyring_without_our_finalizer_is_left_alone() -> None:
+    op = FakeOperator()
+    obj = keyring("ring", [NS])
+    obj["metadata"]["finalizers"] = ["other"]
+    op.kube.add(KEYRINGS, obj)
+    op.kube.remove(KEYRINGS, "ring")
+    await op.run_until_idle()
+    assert ring(op)["metadata"]["finalizers"] == ["other"]
+    assert "status" not in ring(op)
+    assert op.hsm.calls == []

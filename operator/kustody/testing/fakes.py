@@ -436,6 +436,10 @@ class FakeKube:
         kind = res.kind if isinstance(res, Resource) else res
         self._faults.append(_Fault(verb, kind, name, namespace, error, times))
 
+    def clear_faults(self) -> None:
+        """Forget every failure :meth:`fail_next` still holds."""
+        self._faults.clear()
+
     def mutate(self, res: Resource, change: Callable[[dict[str, Any]], None] | None) -> None:
         """Like a mutating admission webhook: ``change`` edits every object of ``res`` that a
         request creates or patches, before it is stored (None: no more)."""
@@ -876,6 +880,10 @@ class FakeKeyService:
         "batch_generate_data_keys", ..., "*" for any) raise HsmError(``reason``)."""
         self._faults.append(_HsmFault(op, HsmError(reason, message), times))
 
+    def clear_faults(self) -> None:
+        """Forget every failure :meth:`fail_next` still holds."""
+        self._faults.clear()
+
     def set_unavailable(
         self, reason: Reason = Reason.TOKEN_UNAVAILABLE, message: str = "the token is gone"
     ) -> None:
@@ -1310,7 +1318,9 @@ class FakeOperator:
     * :meth:`step` runs the reconciler of one due key as a worker does (requeue after the
       returned delay; Conflict: again in 0.5 s; other API or HSM errors: backoff);
     * :meth:`run_until_idle` delivers and steps until nothing is due, moving :attr:`clock`
-      ahead to keys due within ``horizon`` seconds (the short requeues), not to the resync.
+      ahead to keys due within ``horizon`` seconds (the short requeues), not to the resync;
+      when the clock has passed ``resync_seconds`` since the last resync, every object is
+      queued once (:meth:`resync`, as the operator does every five minutes).
 
     Calling a reconciler directly (``await keyring.reconcile(op.rt, "name")``) after
     :meth:`deliver` works too.
@@ -1328,6 +1338,8 @@ class FakeOperator:
     _cursor: int = 0
     _secrets_seen: set[tuple[str, str]] = field(default_factory=set)
     _reconcilers: dict[str, Reconciler] = field(default_factory=reconcilers)
+    resync_seconds: float = 300.0
+    _next_resync: float = 0.0
 
     def __post_init__(self) -> None:
         self.kube = FakeKube(self.clock)
@@ -1407,6 +1419,7 @@ class FakeOperator:
         steps = 0
         while True:
             self.deliver()
+            self._resync_if_due()
             if await self.step() is not None:
                 steps += 1
                 if steps >= max_steps:
@@ -1416,6 +1429,25 @@ class FakeOperator:
             if wait is None or wait > horizon:
                 return steps
             self.clock.advance(wait)
+
+    def resync(self) -> None:
+        """Queue every object, as the operator's periodic resync does."""
+        for kind, store in (
+            (POLICY, self.rt.policies),
+            (KEYRING, self.rt.keyrings),
+            (DATAKEY, self.rt.datakeys),
+            (ESCROW_AGENT, self.rt.escrow_agents),
+        ):
+            for namespace, name in store:
+                self.rt.enqueue(kind, namespace, name)
+
+    def _resync_if_due(self) -> None:
+        now = self.clock.monotonic()
+        if not self._next_resync:
+            self._next_resync = now + self.resync_seconds
+        elif now >= self._next_resync:
+            self.resync()  # once, however many periods a jump of the clock skipped
+            self._next_resync = now + self.resync_seconds
 
     async def advance(self, seconds: float = 0.0, **delta: float) -> int:
         """Move the clock (resyncs and delays that fall due run) and run until idle."""
