@@ -742,3 +742,28 @@ async def test_automatic_rewraps_wait_for_the_maintenance_window() -> None:
     await op.advance(hours=168 - 2)  # the next Thursday: no rotation due, the window opens
     assert (op.kube.object(KEYRINGS, "ring") or {})["status"]["primaryVersion"] == 2
     assert dk(op)["status"]["keyRingVersion"] == 2
+
+
+@scenario
+async def test_a_status_wrapped_key_that_is_no_envelope_is_not_used() -> None:
+    op = FakeOperator()
+    await setup(op)
+    op.kube.edit(DATAKEYS, "db", {"status": {"generations": None, "wrappedKey": "x"}}, NS,
+                 status=True)  # fmt: skip
+    op.hsm.calls.clear()
+    await op.run_until_idle()
+    assert ready(dk(op))["reason"] == "EnvelopeMismatch"
+    assert "not a Kustody envelope" in ready(dk(op))["message"]
+    used = {"batch_generate_data_keys", "batch_rewrap", "decrypt"}
+    assert [c for c in op.hsm.calls if c.op in used] == []
+
+
+@scenario
+async def test_a_datakey_deleted_during_its_pass_is_left_alone() -> None:
+    op = FakeOperator()
+    op.kube.add(DATAKEYS, datakey("db", NS, "absent"))
+    op.kube.fail_next("patch_status", DATAKEYS, api_error(404))
+    await op.run_until_idle()
+    assert op.errors() == []
+    assert "status" not in dk(op)
+    assert op.events.recorded == []

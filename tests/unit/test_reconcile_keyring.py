@@ -598,3 +598,16 @@ async def test_a_deleting_keyring_without_our_finalizer_is_left_alone() -> None:
     assert ring(op)["metadata"]["finalizers"] == ["other"]
     assert "status" not in ring(op)
     assert op.hsm.calls == []
+
+
+@scenario
+async def test_a_destruction_the_token_cannot_do_now_is_an_hsm_failure() -> None:
+    op = FakeOperator()
+    await retiring_ring(op)
+    await rotate(op)
+    op.hsm.fail_next("destroy_version", Reason.TOKEN_UNAVAILABLE)
+    await op.advance(hours=24)
+    assert any(isinstance(e, HsmError) for e in op.errors())
+    assert "HSMError" in op.events.reasons("ring")
+    assert states(op)[0] == "Destroyed"  # the retry did it
+    assert condition(ring(op), "Ready")["status"] == "True"
