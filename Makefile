@@ -89,11 +89,11 @@ demo: install binaries ## run Kustody on the local control plane + SoftHSM2 unti
 
 demo-down: dev-down ## clean up after `make demo`
 
-bench-hsm: install ## HSM sidecar benchmark (SoftHSM2 and Kryoptic) -> bench/results/hsm.json
+bench-hsm: install ## sidecar, unwrap and KMS v2 (vs a Go plugin) benchmarks, 3 interleaved runs each -> bench/results/hsm.json + hsm-*.png
 	$(BIN)/python bench/hsm.py
 
-bench-operator: install binaries ## operator scale benchmark -> bench/results/operator.json
-	$(BIN)/python bench/operator_scale.py
+bench-operator: install binaries ## operator scale (N=10000 adds that size; BENCH_REPEAT=3) -> bench/results/operator.json
+	N=$(N) $(BIN)/python bench/operator_scale.py
 
 bench-client: install ## keyset library: ratio to raw AESGCM, streaming RSS -> bench/results/client.json
 	$(BIN)/python bench/client.py

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kustody.controller.store import Store
+from kustody.controller.store import LAST_APPLIED, Store
 
 
 def _dk(name: str, rv: str, ring: str | None, ns: str = "app") -> dict[str, Any]:
@@ -38,3 +38,24 @@ def test_index_follows_changes_and_deletes() -> None:
     assert store.by_index("r1") == []
     assert store.get("app", "b") is None
     assert sorted(store) == [("app", "a"), ("app", "c")]
+
+
+def test_the_store_keeps_no_managed_fields_or_last_applied_configuration() -> None:
+    store = Store()
+    obj = {
+        "metadata": {
+            "name": "a",
+            "namespace": "ns",
+            "resourceVersion": "5",
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+            "annotations": {LAST_APPLIED: "{...}", "kustody.io/rotate": "now"},
+        },
+        "spec": {"x": 1},
+    }
+    assert store.put(obj)
+    held = store.get("ns", "a")
+    assert held is not None
+    assert "managedFields" not in held["metadata"]
+    assert held["metadata"]["annotations"] == {"kustody.io/rotate": "now"}
+    assert held["spec"] == {"x": 1}
+    assert "managedFields" in obj["metadata"]  # the caller's object is not changed
