@@ -170,8 +170,12 @@ def plot_operator(path: Path = RESULTS / "operator.json") -> Path | None:
     ax.set_title("Operator: time to Ready and to rotate against N", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    machine = data.get("machine", {})
-    fig.text(0.01, 0.01, f"machine: {machine}", fontsize=7)
+    note = f"{data.get('machine', {}).get('cpus', '?')} cores"
+    if "repetitions" in data:
+        note += f"; median of {data['repetitions']} interleaved repetitions, min-max band"
+    if "load_1m_after_each" in data:
+        note += f"; 1-min load after each: {data['load_1m_after_each']}"
+    fig.text(0.01, 0.01, note, fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
