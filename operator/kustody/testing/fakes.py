@@ -22,12 +22,18 @@ milliseconds (like httpx's ``MockTransport``): no API server, no sidecar, no tok
 A test::
 
     op = FakeOperator()
-    op.kube.add(KEYRINGS, {"metadata": {"name": "payments"}, "spec": {...}})
+    op.kube.add(KEYRINGS, keyring("payments", ["shop"]))
+    op.kube.add(DATAKEYS, datakey("db", "shop", "payments"))
     await op.run_until_idle()
     assert op.hsm.state("payments", 1) is VersionState.ENABLED
+    assert condition(op.kube.object(DATAKEYS, "db", "shop"), "Ready")["reason"] == "KeyAvailable"
     assert "Created" in op.events.reasons("payments")
+    op.hsm.set_unavailable()                       # faults: hsm.fail_next, kube.fail_next
+    await op.advance(hours=24)                     # time moves only when the test says so
 
-None of this imports ``kubernetes`` or ``pkcs11``.
+Importing this module loads neither ``kubernetes`` nor ``pkcs11``; the reconcilers and the
+watch module, imported when :class:`FakeOperator` first needs them, load Kopf (which loads
+``kubernetes``).
 """
 
 from __future__ import annotations
