@@ -10,7 +10,9 @@ The third is the floor of any Python gRPC plugin (``bench/kms_floor.py``): a grp
 server with Kustody's generated code and server options whose handlers do no cryptography.
 Its ratio to the Go plugin (``kms_python_floor_ratio_c*``) bounds what a Python front end can
 reach, and Kustody's ratio to it (``kustody_of_python_floor``) is what is left for Kustody's
-own code (policy, metrics, the PKCS#11 worker round trip, the token) to lose.
+own code (policy, metrics, the PKCS#11 worker round trip, the token) to lose. The fourth is the
+same no-crypto server on the synchronous ``grpc.server`` (2 threads): what the other Python
+gRPC server would allow (``kms_python_sync_floor_ratio_c*``).
 
 The plugins run side by side on one SoftHSM2 token for the whole run; the same Go client
 (``gokms load``: one gRPC connection, as kube-apiserver keeps, 32-byte seeds, a fresh uid per
@@ -54,7 +56,8 @@ WARMUP = "1s"
 TARGET = 0.8
 KEY_RING = "bench-kms"
 GOKMS = Path(__file__).resolve().parent / "gokms"
-PLUGINS = ("go", "kustody", "python_floor")
+PLUGINS = ("go", "kustody", "python_floor", "python_sync_floor")
+SYNC_THREADS = 2  # the best of 1, 2, 4 and 16 threads in a side experiment
 FLOOR = Path(__file__).resolve().parent / "kms_floor.py"
 
 
@@ -119,9 +122,10 @@ def start_go(
     return process, socket
 
 
-def start_floor(directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    socket = directory / "floor.sock"
-    process = subprocess.Popen([sys.executable, str(FLOOR), str(socket)])
+def start_floor(directory: Path, sync: int = 0) -> tuple[subprocess.Popen[bytes], Path]:
+    socket = directory / ("sync-floor.sock" if sync else "floor.sock")
+    command = [sys.executable, str(FLOOR), str(socket)]
+    process = subprocess.Popen([*command, "--sync", str(sync)] if sync else command)
     _wait_for(socket, process, "the Python gRPC floor server")
     return process, socket
 
@@ -181,6 +185,7 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
     for concurrency in CONCURRENCIES:
         ratios: dict[str, float] = {}
         floors: dict[str, float] = {}
+        syncs: dict[str, float] = {}
         for op in OPS:
             case = cases[f"{op}_c{concurrency}"]
             go, ours = case["go"], case["kustody"]
@@ -193,9 +198,13 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
             case["python_floor_ratio"] = round(floor / go["ops_s"]["median"], 3)
             case["kustody_of_python_floor"] = round(ours["ops_s"]["median"] / floor, 3)
             floors[op] = case["python_floor_ratio"]
+            sync = case["python_sync_floor"]["ops_s"]["median"]
+            case["python_sync_floor_ratio"] = round(sync / go["ops_s"]["median"], 3)
+            syncs[op] = case["python_sync_floor_ratio"]
         result[f"kms_ratio_c{concurrency}"] = min(ratios.values())
         result[f"kms_ratio_c{concurrency}_by_op"] = ratios
         result[f"kms_python_floor_ratio_c{concurrency}"] = min(floors.values())
+        result[f"kms_python_sync_floor_ratio_c{concurrency}"] = min(syncs.values())
     return result
 
 
@@ -212,13 +221,20 @@ def run() -> dict[str, Any]:
         kustody, kustody_socket = start_kustody(token, base)
         go, go_socket = start_go(binary, token, base)
         floor, floor_socket = start_floor(base)
+        sync_floor, sync_floor_socket = start_floor(base, SYNC_THREADS)
         try:
             pids = {
                 "go": [go.pid],
                 "kustody": [kustody.pid, *_children(kustody.pid)],  # front end, then worker
                 "python_floor": [floor.pid],
+                "python_sync_floor": [sync_floor.pid],
             }
-            sockets = {"go": go_socket, "kustody": kustody_socket, "python_floor": floor_socket}
+            sockets = {
+                "go": go_socket,
+                "kustody": kustody_socket,
+                "python_floor": floor_socket,
+                "python_sync_floor": sync_floor_socket,
+            }
             for rep in range(REPEATS):
                 shift = rep % len(PLUGINS)  # each plugin goes first, second, third in turn
                 order = PLUGINS[shift:] + PLUGINS[:shift]
@@ -231,14 +247,14 @@ def run() -> dict[str, Any]:
                             out["repetition"] = rep
                             runs[plugin].setdefault(f"{op}_c{concurrency}", []).append(out)
                             print(
-                                f"kms {plugin:12} {op:8} c{concurrency:<3} rep {rep}: "
+                                f"kms {plugin:17} {op:8} c{concurrency:<3} rep {rep}: "
                                 f"{out['ops_s']:8,.0f}/s p99 {out['p99_ms']:6.2f} ms "
                                 f"{out['server_cpu_us_per_op']:6.0f} us/op "
                                 f"(load {out['load_1m_before']})",
                                 file=sys.stderr,
                             )
         finally:
-            for process in (floor, go, kustody):
+            for process in (sync_floor, floor, go, kustody):
                 process.terminate()
                 process.wait(timeout=10)
     result = summarise(runs)

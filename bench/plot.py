@@ -26,11 +26,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLOURS = {"go": "#4c72b0", "kustody": "#dd8452", "python_floor": "#8c8c8c"}
+COLOURS = {
+    "go": "#4c72b0",
+    "kustody": "#dd8452",
+    "python_floor": "#8c8c8c",
+    "python_sync_floor": "#c7c7c7",
+}
 LABELS = {
     "go": "Go plugin (bench/gokms)",
     "kustody": "Kustody",
-    "python_floor": "Python gRPC floor (no crypto)",
+    "python_floor": "Python grpc.aio floor (no crypto)",
+    "python_sync_floor": "Python grpc sync floor, 2 threads (no crypto)",
 }
 
 
@@ -63,7 +69,7 @@ def plot_kms(result: dict[str, Any], out: Path = RESULTS / "hsm-kms.png") -> Pat
         return None
     method = result.get("kms_method", {})
     names = sorted(cases, key=lambda c: (int(c.split("_c")[1]), c))
-    plugins = [p for p in ("go", "kustody", "python_floor") if p in cases[names[0]]]
+    plugins = [p for p in COLOURS if p in cases[names[0]]]
     fig, ax = plt.subplots(figsize=(9, 4.8))
     width = 0.8 / len(plugins)
     for j, plugin in enumerate(plugins):
