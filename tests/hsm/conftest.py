@@ -152,9 +152,24 @@ def start_process(
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )
-    deadline = time.monotonic() + 20
-    while not socket.exists():
+    # Serving, not just bound: gRPC creates the socket file before it listens, and a busy
+    # machine can keep a connect in that gap refused.
+    deadline = time.monotonic() + 60
+    while not _accepts(socket):
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"sidecar did not start:\n{log.read_text()}")
         time.sleep(0.05)
     return SidecarProcess(process, socket, log)
+
+
+def _accepts(path: Path) -> bool:
+    import socket as sockets
+
+    if not path.exists():
+        return False
+    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

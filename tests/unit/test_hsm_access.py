@@ -9,7 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 from kustody.api.errors import HsmError, Reason
-from kustody.domain.keyversion import DEFAULT_MIN_DESTROY_DELAY_SECONDS, VersionState
+from kustody.domain.keyversion import (
+    DEFAULT_MIN_DESTROY_DELAY_SECONDS,
+    SETTABLE_STATES,
+    VersionState,
+)
 from kustody.pkcs11.kekstore import KekStore
 from kustody.sidecar import audit, keyservice, servicer
 from kustody.sidecar.access import RPCS, CertificateAccess, ClientRoles, Role, parse_identity
@@ -96,8 +100,8 @@ def test_audit_line_is_json_with_capped_fields() -> None:
 
 def test_destroy_scheduled_state_and_default_waiting_period() -> None:
     assert VersionState("DESTROY_SCHEDULED") is VersionState.DESTROY_SCHEDULED
-    assert VersionState.DESTROY_SCHEDULED in keyservice.SETTABLE_STATES
-    assert VersionState.DESTROYED not in keyservice.SETTABLE_STATES
+    assert VersionState.DESTROY_SCHEDULED in SETTABLE_STATES
+    assert VersionState.DESTROYED not in SETTABLE_STATES
     assert DEFAULT_MIN_DESTROY_DELAY_SECONDS == 24 * 3600
 
 

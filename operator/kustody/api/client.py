@@ -21,10 +21,18 @@ import grpc.aio
 
 from kustody.api._proto import keyservice_pb2 as pb
 from kustody.api._proto import keyservice_pb2_grpc as pb_grpc
-from kustody.api.errors import HsmError, Reason
+from kustody.api.errors import HsmError, Reason, from_domain
+from kustody.api.health import Health, reason_of
 from kustody.api.rpcerror import from_rpc_error
 from kustody.domain.aad import Binding
-from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
+from kustody.domain.errors import DomainError
+from kustody.domain.keyversion import (
+    KeyDescription,
+    KeyVersionRef,
+    VersionInfo,
+    VersionState,
+    settable,
+)
 
 __all__ = [
     "Binding",
@@ -83,20 +91,6 @@ class EscrowPackageReply:
     check_value: str
     mechanism: str
     wrapped: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class KeyDescription:
-    key_ring: str
-    primary_version: int | None
-    versions: tuple[VersionInfo, ...]
-
-
-@dataclass(frozen=True)
-class Health:
-    serving: bool
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -232,10 +226,10 @@ class HsmClient:
     async def set_version_state(
         self, key_ring: str, version: int, state: VersionState
     ) -> VersionInfo:
-        if state not in _TO_PB_STATE:
-            raise HsmError(
-                Reason.INVALID_ARGUMENT, "state must be ENABLED, DISABLED or DESTROY_SCHEDULED"
-            )
+        try:
+            settable(state)
+        except DomainError as exc:
+            raise from_domain(exc) from None
         request = pb.SetVersionStateRequest(
             key_ring=key_ring, version=version, state=_TO_PB_STATE[state]
         )
@@ -255,7 +249,8 @@ class HsmClient:
 
     async def health(self) -> Health:
         reply = await self._call(self._stub.Health, pb.HealthRequest())
-        return Health(reply.status == pb.HealthResponse.SERVING, reply.reason, reply.message)
+        serving = reply.status == pb.HealthResponse.SERVING
+        return Health(serving, reason_of(reply.reason), reply.message)
 
     # -- data keys ---------------------------------------------------------------------------
 

@@ -43,15 +43,6 @@ async def _annotate(kube: Kube, ring: str, key: str, value: str, what: str) -> d
         raise UserError(f"could not request {what} of {ring}: {exc}") from None
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
-    kube = target.connect(args)
-    try:
-        result: int = asyncio.run(body(kube))
-        return result
-    finally:
-        kube.close()
-
-
 async def _keyring(kube: Kube, ring: str) -> dict[str, Any]:
     from kustody.kube.resources import KEYRINGS
 
@@ -138,7 +129,7 @@ def _rotate(args: argparse.Namespace) -> int:
             return 0
         return await _wait_rewrapped(kube, args.keyring, primary, namespace, deadline)
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _rewrap(args: argparse.Namespace) -> int:
@@ -166,7 +157,7 @@ def _rewrap(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         return await _wait_rewrapped(kube, args.keyring, int(primary), namespace, deadline)
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -179,7 +170,7 @@ def _restore(args: argparse.Namespace) -> int:
         print(f"restore of {args.keyring} version(s) {versions} requested")
         return 0
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _timeout(p: argparse.ArgumentParser, default: float) -> None:

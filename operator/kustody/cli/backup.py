@@ -10,7 +10,6 @@ wrapped key decrypts under that DataKey's binding, and generates no new DEK.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -67,15 +66,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     restore.set_defaults(func=_restore)
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
-    kube = target.connect(args)
-    try:
-        result: int = asyncio.run(body(kube))
-        return result
-    finally:
-        kube.close()
-
-
 def _write(path: str, text: str) -> None:
     if path == "-":
         sys.stdout.write(text)
@@ -117,7 +107,7 @@ def _export(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _read(path: str) -> str:
@@ -163,7 +153,7 @@ def _restore(args: argparse.Namespace) -> int:
         )
         return 1 if failed else 0
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 async def _ensure_namespace(kube: Kube, name: str) -> None:

@@ -9,7 +9,6 @@ until ``unkeep``); all three only set annotations the operator acts on.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -95,15 +94,6 @@ def _table(report: Mapping[str, Any], wide: bool) -> str:
                      for r in rows)  # fmt: skip
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
-    kube = target.connect(args)
-    try:
-        result: int = asyncio.run(body(kube))
-        return result
-    finally:
-        kube.close()
-
-
 def _generations(args: argparse.Namespace) -> int:
     namespace, name = _ref(args.datakey, args.namespace)
 
@@ -112,7 +102,7 @@ def _generations(args: argparse.Namespace) -> int:
         print(output.render(report, args.output, lambda wide: _table(report, wide)))
         return 0
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _regenerate(args: argparse.Namespace) -> int:
@@ -128,7 +118,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _change_keep(args: argparse.Namespace, add: bool) -> int:
@@ -146,7 +136,7 @@ def _change_keep(args: argparse.Namespace, add: bool) -> int:
         print(f"DataKey {namespace}/{name}: generation(s) {listed} {what}")
         return 0
 
-    return _run(args, body)
+    return target.run_with_kube(args, body)
 
 
 def _datakey_arg(p: argparse.ArgumentParser) -> None:

@@ -8,11 +8,13 @@ so ``kubectl kustody ...`` behaves like any other kubectl command.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -74,6 +76,17 @@ def connect(args: argparse.Namespace, *, workers: int = 8) -> Kube:
     except Exception as exc:  # the kubernetes package raises several unrelated types here
         where = f" (context {context})" if context else ""
         raise UserError(f"cannot load Kubernetes credentials{where}: {exc}") from None
+
+
+def run_with_kube(
+    args: argparse.Namespace, body: Callable[[Kube], Coroutine[Any, Any, int]]
+) -> int:
+    """Run ``body`` with a client for the cluster the flags name; close it afterwards."""
+    kube = connect(args)
+    try:
+        return asyncio.run(body(kube))
+    finally:
+        kube.close()
 
 
 def namespace_scope(args: argparse.Namespace) -> tuple[str | None, bool]:

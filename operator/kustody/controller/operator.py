@@ -203,7 +203,7 @@ async def _watch_hsm(rt: Runtime, every: float) -> None:
     while True:
         try:
             health = await rt.hsm.health()
-            serving, reason, message = health.serving, health.reason, health.message
+            serving, reason, message = health.serving, str(health.reason or ""), health.message
         except HsmError as exc:
             serving, reason, message = False, str(exc.reason), exc.message
         was = rt.health.serving

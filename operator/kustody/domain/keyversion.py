@@ -33,6 +33,19 @@ class VersionState(enum.StrEnum):
     DESTROYED = "DESTROYED"
 
 
+# The states SetVersionState may ask for (DESTROYED only by DestroyVersion).
+SETTABLE_STATES = frozenset(
+    {VersionState.ENABLED, VersionState.DISABLED, VersionState.DESTROY_SCHEDULED}
+)
+
+
+def settable(state: VersionState | None) -> VersionState:
+    """``state`` if SetVersionState may ask for it, else InvalidArgument."""
+    if state is None or state not in SETTABLE_STATES:
+        raise InvalidArgument("the state must be ENABLED, DISABLED or DESTROY_SCHEDULED")
+    return state
+
+
 def validate_key_ring(name: str) -> str:
     if not 0 < len(name) <= 253 or _KEY_RING.fullmatch(name) is None:
         raise InvalidArgument(
@@ -86,6 +99,15 @@ class VersionInfo:
     # Created (or recovered) for an escrowed KeyRing: extractable only under keys the token's
     # Security Officer admitted. False: never extractable.
     escrowable: bool = False
+
+
+@dataclass(frozen=True)
+class KeyDescription:
+    """A KeyRing as the token holds it: its primary version and every version's info."""
+
+    key_ring: str
+    primary_version: int | None
+    versions: tuple[VersionInfo, ...]
 
 
 def parse_label(label: str) -> KeyVersionRef | None:

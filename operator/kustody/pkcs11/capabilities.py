@@ -57,6 +57,7 @@ from pkcs11.mechanisms import GCMParams
 
 from kustody.api.pin import Pin
 from kustody.api.token import IvPolicy
+from kustody.pkcs11.templates import KEK_TEMPLATE
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -374,19 +375,7 @@ def _scratch_key(session: Any) -> Any:
         label=_PROBE_LABEL,
         store=False,
         capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-        template={
-            Attribute.TOKEN: False,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.ENCRYPT: True,
-            Attribute.DECRYPT: True,
-            Attribute.SIGN: False,
-            Attribute.VERIFY: False,
-            Attribute.WRAP: False,
-            Attribute.UNWRAP: False,
-            Attribute.DERIVE: False,
-        },
+        template={**KEK_TEMPLATE, Attribute.TOKEN: False},  # a session object
     )
 
 

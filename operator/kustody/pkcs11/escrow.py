@@ -31,23 +31,17 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClas
 from kustody.api.errors import HsmError, Reason
 from kustody.domain.escrow import MECHANISM, AgentKey, Package
 from kustody.domain.keyversion import KeyVersionRef, parse_label
+from kustody.pkcs11.templates import KEK_TEMPLATE
 
 ESCROW_APPLICATION = "kustody-escrow"  # data object: this KEK version was created for escrow
 RECOVERED_APPLICATION = "kustody-recovered"  # data object: this KEK came from a package
 OAEP_PARAMS = (Mechanism.SHA_1, MGF.SHA1, None)
+# An escrowable KEK: as any KEK, but extractable, and then only under keys the Security
+# Officer marked trusted (CKA_WRAP_WITH_TRUSTED).
 KEK_TEMPLATE_ESCROW = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
+    **KEK_TEMPLATE,
     Attribute.EXTRACTABLE: True,
     Attribute.WRAP_WITH_TRUSTED: True,
-    Attribute.ENCRYPT: True,
-    Attribute.DECRYPT: True,
-    Attribute.SIGN: False,
-    Attribute.VERIFY: False,
-    Attribute.WRAP: False,
-    Attribute.UNWRAP: False,
-    Attribute.DERIVE: False,
 }
 
 

@@ -48,9 +48,10 @@ import pkcs11.exceptions as p11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
-from kustody.api.errors import HsmError, Reason
+from kustody.api.errors import HsmError, Reason, from_domain
 from kustody.domain.duration import format_duration
 from kustody.domain.envelope import NONCE_BYTES, TAG_BYTES
+from kustody.domain.errors import DomainError
 from kustody.domain.keyversion import (
     DEFAULT_MIN_DESTROY_DELAY_SECONDS,
     KeyVersionRef,
@@ -58,6 +59,7 @@ from kustody.domain.keyversion import (
     VersionState,
     parse_label,
     primary_version,
+    settable,
 )
 from kustody.pkcs11 import thread
 from kustody.pkcs11.capabilities import (
@@ -75,6 +77,7 @@ from kustody.pkcs11.escrow import (
     agent_admitted,
     wrap_for_agent,
 )
+from kustody.pkcs11.templates import KEK_TEMPLATE
 from kustody.pkcs11.token import TokenLost, TokenSession, classify
 
 log = logging.getLogger(__name__)
@@ -460,19 +463,7 @@ class KekStore:
                     label=ref.label,
                     store=True,
                     capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                    template={
-                        Attribute.TOKEN: True,
-                        Attribute.PRIVATE: True,
-                        Attribute.SENSITIVE: True,
-                        Attribute.EXTRACTABLE: False,
-                        Attribute.ENCRYPT: True,
-                        Attribute.DECRYPT: True,
-                        Attribute.SIGN: False,
-                        Attribute.VERIFY: False,
-                        Attribute.WRAP: False,
-                        Attribute.UNWRAP: False,
-                        Attribute.DERIVE: False,
-                    },
+                    template=KEK_TEMPLATE,
                 )
                 log.info("created KEK version %s", ref)
             marks = {
@@ -504,11 +495,10 @@ class KekStore:
         """ENABLED or DISABLED (either cancels a scheduled destruction), or DESTROY_SCHEDULED
         (disables the key and records when; scheduling again keeps the first time)."""
         thread.assert_on_thread()
-        allowed = (VersionState.ENABLED, VersionState.DISABLED, VersionState.DESTROY_SCHEDULED)
-        if state not in allowed:
-            raise HsmError(
-                Reason.INVALID_ARGUMENT, "the state must be ENABLED, DISABLED or DESTROY_SCHEDULED"
-            )
+        try:
+            settable(state)
+        except DomainError as exc:
+            raise from_domain(exc) from None
         rec = self._trusted(self._record(ref))
         if rec.key is None:
             raise HsmError(Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed")

@@ -29,16 +29,16 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kustody.api import wire
 from kustody.api.errors import HsmError, Reason, from_domain
+from kustody.api.health import NOT_YET, Health
 from kustody.api.pin import read_pin
 from kustody.api.token import IvPolicy, TokenConfig
 from kustody.domain.aad import KmsBinding
-from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, header_for
+from kustody.domain.envelope import MAX_DEK_BYTES, MAX_PLAINTEXT_BYTES, MIN_DEK_BYTES, header_for
 from kustody.domain.errors import DomainError
 from kustody.domain.keyversion import (
     DEFAULT_MIN_DESTROY_DELAY_SECONDS,
@@ -52,24 +52,9 @@ from kustody.pkcs11.token import TokenLost, TokenSession
 
 log = logging.getLogger(__name__)
 
-MIN_DEK_BYTES = 16
-MAX_DEK_BYTES = 512
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
-
-
-@dataclass(frozen=True)
-class Health:
-    serving: bool
-    reason: Reason | None
-    message: str
-
-    def wire(self) -> wire.WireHealth:
-        return (self.serving, str(self.reason or ""), self.message)
-
-
-_NOT_YET = Health(False, Reason.TOKEN_UNAVAILABLE, "not connected to the token yet")
 
 
 def info_wire(info: VersionInfo) -> wire.WireInfo:
@@ -95,7 +80,7 @@ class Token:
         self.config = config
         self.retry_interval = retry_interval
         self.min_destroy_delay = min_destroy_delay
-        self.health = _NOT_YET
+        self.health = NOT_YET
         self._token: TokenSession | None = None
         self.store: KekStore | None = None
         self._last_attempt = float("-inf")
@@ -450,7 +435,7 @@ def serve(sock: socket.socket, token: Token) -> None:
         snapshot = store.snapshot if store is not None else ()
         update_health = None
         if health is not sent_health or op == wire.Op.CHECK:
-            update_health, sent_health = health.wire(), health
+            update_health, sent_health = health.to_wire(), health
         update_snapshot = None
         if snapshot is not sent_snapshot:
             update_snapshot = tuple(info_wire(i) for i in snapshot)

@@ -28,11 +28,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kustody.api import wire
 from kustody.api.errors import HsmError, Reason
+from kustody.api.health import NOT_YET, Health, reason_of
 from kustody.api.token import TokenConfig
 from kustody.domain.keyversion import (
     DEFAULT_MIN_DESTROY_DELAY_SECONDS,
@@ -60,23 +60,6 @@ class Waiter(Protocol):
     def set_result(self, result: Any, /) -> None: ...
 
     def set_exception(self, exception: BaseException, /) -> None: ...
-
-
-@dataclass(frozen=True)
-class Health:
-    serving: bool
-    reason: Reason | None
-    message: str
-
-
-_NOT_YET = Health(False, Reason.TOKEN_UNAVAILABLE, "not connected to the token yet")
-
-
-def _reason(text: str) -> Reason:
-    try:
-        return Reason(text)
-    except ValueError:
-        return Reason.INTERNAL
 
 
 def info_from_wire(item: wire.WireInfo) -> VersionInfo:
@@ -237,7 +220,7 @@ class HsmConnection:
         self.retry_interval = retry_interval
         self.op_timeout = op_timeout
         self.min_destroy_delay = min_destroy_delay
-        self.health = _NOT_YET
+        self.health = NOT_YET
         self.snapshot: tuple[VersionInfo, ...] = ()
         self._worker: _Worker | None = None
         self._ids = itertools.count(1)
@@ -346,8 +329,7 @@ class HsmConnection:
     def _deliver(self, worker: _Worker, request_id: int, status: int, message: Any) -> None:
         result, health, snapshot = message
         if health is not None:
-            serving, reason, text = health
-            self.health = Health(serving, _reason(reason) if reason else None, text)
+            self.health = Health.from_wire(health)
         if snapshot is not None:
             self.snapshot = tuple(info_from_wire(i) for i in snapshot)
         entry = worker.pending.pop(request_id, None)
@@ -360,7 +342,7 @@ class HsmConnection:
         if status == wire.STATUS_OK:
             waiter.set_result(result)
         else:
-            waiter.set_exception(HsmError(_reason(result[0]), result[1]))
+            waiter.set_exception(HsmError(reason_of(result[0]) or Reason.INTERNAL, result[1]))
 
     def _refuse(self, worker: _Worker, request_id: int, error: HsmError) -> None:
         entry = worker.pending.pop(request_id, None)

@@ -29,16 +29,22 @@ from itertools import islice
 from typing import Any, TypeVar
 
 from kustody.api.errors import HsmError, Reason, from_domain
+from kustody.api.health import Health
 from kustody.api.wire import Op
 from kustody.domain.aad import Binding, KmsBinding, associated_data
-from kustody.domain.envelope import MAX_PLAINTEXT_BYTES, Envelope
+from kustody.domain.envelope import MAX_DEK_BYTES, MAX_PLAINTEXT_BYTES, MIN_DEK_BYTES, Envelope
 from kustody.domain.errors import DomainError
-from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState, validate_key_ring
-from kustody.sidecar.connection import Health, HsmConnection, info_from_wire
+from kustody.domain.keyversion import (
+    KeyDescription,
+    KeyVersionRef,
+    VersionInfo,
+    VersionState,
+    settable,
+    validate_key_ring,
+)
+from kustody.sidecar.connection import HsmConnection, info_from_wire
 
 DEFAULT_DEK_BYTES = 32
-MIN_DEK_BYTES = 16
-MAX_DEK_BYTES = 512
 MAX_BATCH_ITEMS = 1000
 # Items per worker request when a batch is sent in chunks: small enough that the worker starts
 # early and the last chunk's answer comes soon after the worker is done, large enough that the
@@ -51,7 +57,6 @@ SEALS_IN_FLIGHT = 1
 
 T = TypeVar("T")
 # What SetVersionState may set (DESTROYED only through DestroyVersion).
-SETTABLE_STATES = (VersionState.ENABLED, VersionState.DISABLED, VersionState.DESTROY_SCHEDULED)
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,6 @@ class RewrapRequest:
     envelope: Envelope
     binding: Binding
     to_version: int | None = None  # None: the primary version
-
-
-@dataclass(frozen=True)
-class KeyDescription:
-    key_ring: str
-    primary_version: int | None
-    versions: tuple[VersionInfo, ...]
 
 
 def _checked_length(length: int) -> int:
@@ -304,10 +302,10 @@ class KeyService:
         self, key_ring: str, version: int, state: VersionState
     ) -> VersionInfo:
         ref = _ref(key_ring, version)
-        if state not in SETTABLE_STATES:
-            raise HsmError(
-                Reason.INVALID_ARGUMENT, "the state must be ENABLED, DISABLED or DESTROY_SCHEDULED"
-            )
+        try:
+            settable(state)
+        except DomainError as exc:
+            raise from_domain(exc) from None
         args = (ref.key_ring, ref.version, str(state))
         return info_from_wire(await self.connection.request(Op.SET_STATE, args))
 

@@ -28,7 +28,7 @@ from kustody.domain.aad import Binding
 from kustody.domain.envelope import Envelope
 from kustody.domain.errors import DomainError
 from kustody.domain.escrow import MECHANISM as ESCROW_MECHANISM
-from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState
+from kustody.domain.keyversion import KeyVersionRef, VersionInfo, VersionState, settable
 from kustody.sidecar import audit
 from kustody.sidecar.access import LOCAL, Access, Caller, LocalAccess
 from kustody.sidecar.keyservice import (
@@ -376,12 +376,7 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.SetVersionStateRequest, context: Context
     ) -> pb.KeyVersion:
         async def work(caller: Caller, note: _Note) -> pb.KeyVersion:
-            state = _FROM_PB_STATE.get(request.state)
-            if state is None:
-                raise HsmError(
-                    Reason.INVALID_ARGUMENT,
-                    "state must be ENABLED, DISABLED or DESTROY_SCHEDULED",
-                )
+            state = settable(_FROM_PB_STATE.get(request.state))
             info = await self._service.set_version_state(request.key_ring, request.version, state)
             return version_pb(info)
 

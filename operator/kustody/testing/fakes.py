@@ -67,6 +67,7 @@ from kustody.api.client import (
     VersionInfo,
     VersionState,
 )
+from kustody.api.errors import from_domain
 from kustody.controller.metrics import OperatorMetrics
 from kustody.controller.runtime import (
     DATAKEY,
@@ -78,13 +79,20 @@ from kustody.controller.runtime import (
 )
 from kustody.controller.workqueue import WorkQueue
 from kustody.domain.aad import associated_data
-from kustody.domain.envelope import NONCE_BYTES, Envelope, header_for
+from kustody.domain.envelope import (
+    MAX_DEK_BYTES,
+    MIN_DEK_BYTES,
+    NONCE_BYTES,
+    Envelope,
+    header_for,
+)
 from kustody.domain.errors import DomainError
 from kustody.domain.escrow import MECHANISM as ESCROW_MECHANISM
 from kustody.domain.keyversion import (
     DEFAULT_MIN_DESTROY_DELAY_SECONDS,
     KeyVersionRef,
     primary_version,
+    settable,
     validate_key_ring,
 )
 from kustody.domain.secret import MANAGED_BY, MANAGER
@@ -835,7 +843,7 @@ def _kcv(key: bytes) -> str:
 
 
 _AGENT = re.compile(r"sha256:[0-9a-f]{64}")
-_MIN_DEK, _MAX_DEK, _MAX_BATCH = 16, 512, 1000
+_MAX_BATCH = 1000  # the sidecar's MAX_BATCH_ITEMS
 
 
 class FakeKeyService:
@@ -984,14 +992,10 @@ class FakeKeyService:
     ) -> VersionInfo:
         self._enter("set_version_state", key_ring, version)
         ref = self._ref(key_ring, version)
-        if state not in (
-            VersionState.ENABLED,
-            VersionState.DISABLED,
-            VersionState.DESTROY_SCHEDULED,
-        ):
-            raise HsmError(
-                Reason.INVALID_ARGUMENT, "the state must be ENABLED, DISABLED or DESTROY_SCHEDULED"
-            )
+        try:
+            settable(state)
+        except DomainError as exc:
+            raise from_domain(exc) from None
         kek = self._trusted(ref, self._record(ref))
         if kek.key is None:
             raise HsmError(Reason.VERSION_DESTROYED, f"KEK version {ref} was destroyed")
@@ -1053,8 +1057,8 @@ class FakeKeyService:
     async def health(self) -> Health:
         self.calls.append(HsmCall("health"))
         if self._down is not None:
-            return Health(False, str(self._down.reason), self._down.message)
-        return Health(True, "", "")
+            return Health(False, self._down.reason, self._down.message)
+        return Health(True, None, "")
 
     async def batch_generate_data_keys(
         self, items: Sequence[GenerateItem]
@@ -1239,10 +1243,10 @@ class FakeKeyService:
             ) from None
 
     def _generate(self, item: GenerateItem) -> DataKey:
-        if not _MIN_DEK <= item.length <= _MAX_DEK:
+        if not MIN_DEK_BYTES <= item.length <= MAX_DEK_BYTES:
             raise HsmError(
                 Reason.INVALID_ARGUMENT,
-                f"data key length {item.length} is outside {_MIN_DEK}..{_MAX_DEK} bytes",
+                f"data key length {item.length} is outside {MIN_DEK_BYTES}..{MAX_DEK_BYTES} bytes",
             )
         if item.return_plaintext and not item.allow_plaintext_export:
             raise HsmError(

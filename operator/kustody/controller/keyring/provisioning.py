@@ -7,7 +7,7 @@ the fingerprint recorded at creation, and puts the token's state back where it d
 
 from __future__ import annotations
 
-from kustody.api.client import KeyDescription, VersionState
+from kustody.api.client import VersionState
 from kustody.controller.keyring.state import (
     REACHABLE,
     TOKEN_STATE,
@@ -15,6 +15,7 @@ from kustody.controller.keyring.state import (
     IntegrityError,
     KeyRingPass,
 )
+from kustody.domain.keyversion import KeyDescription
 from kustody.domain.lifecycle import State, Version
 from kustody.domain.timestamps import format_time
 
