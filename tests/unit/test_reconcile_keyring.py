@@ -558,7 +558,7 @@ async def test_the_operator_never_writes_a_spec() -> None:
 
 @scenario
 async def test_a_datakey_deleted_while_the_watch_was_broken_stops_counting_after_a_relist() -> None:
-    from kustody.controller import watch
+    from kustody.controller import events
 
     op = FakeOperator()
     await retiring_ring(op, rewrap="Manual")
@@ -570,7 +570,7 @@ async def test_a_datakey_deleted_while_the_watch_was_broken_stops_counting_after
     assert op.skip_events() > 0  # the watch missed the deletion
     await op.advance(hours=1)
     assert states(op)[0] == "Enabled"  # the cache still has it
-    await watch.prune(op.rt, op.kube)  # the relist after the watch came back
+    await events.prune(op.rt, op.kube)  # the relist after the watch came back
     assert op.rt.datakeys.get(NS, "held") is None
     await op.run_until_idle()
     assert states(op)[0] == "DestroyScheduled"

@@ -7,7 +7,7 @@ import threading
 from typing import Any, cast
 
 import pytest
-from kustody.controller import watch
+from kustody.controller import events
 from kustody.controller.keyring.references import references
 from kustody.controller.metrics import OperatorMetrics
 from kustody.controller.runtime import DATAKEY, MAX_CACHED_SECRET_DATA, Runtime, trim_secret
@@ -73,11 +73,11 @@ def test_only_a_datakeys_own_secret_is_held_and_counted() -> None:
         _secret("real-dek", ns="tenant", version=1, owner=("real", "uid-1")),  # other ns
     ]
     for s in forged:
-        watch.secret_event(rt, "ADDED", s)
+        events.secret_event(rt, "ADDED", s)
     assert len(rt.secrets) == 0
     assert len(rt.queue) == 0
 
-    watch.secret_event(rt, "ADDED", _secret("real-dek", version=1, owner=("real", "uid-1")))
+    events.secret_event(rt, "ADDED", _secret("real-dek", version=1, owner=("real", "uid-1")))
     assert rt.secrets.keys() == [("app", "real-dek")]
     refs = _refs(rt, NamespaceSelector(names=frozenset({"app"})))
     # "real": status v2, its Secret still v1 (a re-wrap in flight), so both; "other": v2.
@@ -88,7 +88,7 @@ def test_only_a_datakeys_own_secret_is_held_and_counted() -> None:
 def test_a_namespace_the_keyring_no_longer_allows_references_nothing() -> None:
     rt = _runtime()
     rt.datakeys.put(_datakey("real"))
-    watch.secret_event(rt, "ADDED", _secret("real-dek", version=1, owner=("real", "uid-1")))
+    events.secret_event(rt, "ADDED", _secret("real-dek", version=1, owner=("real", "uid-1")))
     refs = _refs(rt, NamespaceSelector(names=frozenset({"elsewhere"})))
     assert refs.data_keys == {}
     assert refs.secrets == {}
@@ -98,13 +98,13 @@ def test_secret_events_queue_only_the_owning_datakey() -> None:
     rt = _runtime()
     rt.datakeys.put(_datakey("real"))
     for i in range(20):
-        watch.secret_event(rt, "ADDED", _secret(f"junk-{i}", owner=("real", "uid-1")))
+        events.secret_event(rt, "ADDED", _secret(f"junk-{i}", owner=("real", "uid-1")))
     assert len(rt.queue) == 0
-    watch.secret_event(rt, "ADDED", _secret("real-dek", owner=("real", "uid-1")))
+    events.secret_event(rt, "ADDED", _secret("real-dek", owner=("real", "uid-1")))
     # The owning DataKey now, its KeyRing a moment later (the Secret's version is a reference).
     assert len(rt.queue) == 2
     assert asyncio.run(rt.queue.get()) == (DATAKEY, "app", "real")
-    watch.secret_event(rt, "DELETED", _secret("real-dek", owner=("real", "uid-1")))
+    events.secret_event(rt, "DELETED", _secret("real-dek", owner=("real", "uid-1")))
     assert rt.secrets.keys() == []
     assert asyncio.run(rt.queue.get()) == ("KeyRing", "", "ring")
 
@@ -113,9 +113,9 @@ def test_relist_forgets_secrets_that_disappeared() -> None:
     rt = _runtime()
     rt.datakeys.put(_datakey("a", uid="u-a"))
     rt.datakeys.put(_datakey("b", uid="u-b"))
-    watch.secret_event(rt, "ADDED", _secret("a-dek", owner=("a", "u-a")))
-    watch.secret_event(rt, "ADDED", _secret("b-dek", owner=("b", "u-b")))
-    watch.secrets_relisted(rt, [_secret("b-dek", owner=("b", "u-b"))])
+    events.secret_event(rt, "ADDED", _secret("a-dek", owner=("a", "u-a")))
+    events.secret_event(rt, "ADDED", _secret("b-dek", owner=("b", "u-b")))
+    events.secrets_relisted(rt, [_secret("b-dek", owner=("b", "u-b"))])
     assert rt.secrets.keys() == [("app", "b-dek")]
 
 
@@ -173,7 +173,7 @@ def test_objects_a_list_no_longer_shows_are_forgotten_unless_newer() -> None:
         dk["metadata"]["resourceVersion"] = rv
         rt.datakeys.put(dk)
     present = {("app", "kept")}
-    gone = watch.forget_vanished(rt, rt.datakeys, watch.datakey_event, present, list_version=10)
+    gone = events.forget_vanished(rt, rt.datakeys, events.datakey_event, present, list_version=10)
     assert gone == 1
     assert sorted(k[1] for k in rt.datakeys) == ["kept", "new"]  # "new" is after the LIST
     assert len(rt.queue) == 2  # the DataKey (to forget) and its KeyRing (its references)

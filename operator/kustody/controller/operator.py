@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kustody.api.client import HsmClient, HsmError
-from kustody.controller import watch
+from kustody.controller import events, watch
 from kustody.controller.datakey import reconciler as datakey
 from kustody.controller.escrow import reconciler as escrow
 from kustody.controller.keyring import reconciler as keyring
@@ -85,13 +85,13 @@ def secret_informer(rt: Runtime, kube: Kube, relisted: asyncio.Event) -> Metadat
     pruned (after the first it is one harmless extra LIST)."""
 
     def on_relist(items: Any) -> None:
-        watch.secrets_relisted(rt, items)
+        events.secrets_relisted(rt, items)
         relisted.set()
 
     return MetadataInformer(
         kube,
         SECRETS,
-        lambda kind, obj: watch.secret_event(rt, kind, obj),
+        lambda kind, obj: events.secret_event(rt, kind, obj),
         on_relist,
         label_selector=f"{MANAGED_BY}={MANAGER}",
     )
@@ -105,7 +105,7 @@ async def _prune(rt: Runtime, every: float, relisted: asyncio.Event) -> None:
             await asyncio.wait_for(relisted.wait(), every)
         relisted.clear()
         await asyncio.sleep(2.0)  # let the watches settle after a relist
-        await watch.prune(rt, rt.kube)
+        await events.prune(rt, rt.kube)
 
 
 async def _sync(rt: Runtime, secrets: MetadataInformer) -> None:

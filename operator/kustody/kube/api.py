@@ -23,12 +23,11 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
+from kustody.kube.protocol import MERGE_PATCH
 from kustody.kube.resources import Resource
 
-MERGE_PATCH = "application/merge-patch+json"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 METADATA_ITEM = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
-JSON_PATCH = "application/json-patch+json"
 
 Observer = Callable[[str, str, int, float], None]
 

@@ -9,6 +9,9 @@ from typing import Any, Protocol
 
 from kustody.kube.resources import Resource
 
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
 
 class KubeApi(Protocol):
     """The Kubernetes API calls the controller makes (:class:`kustody.kube.api.Kube`)."""
@@ -46,7 +49,7 @@ class KubeApi(Protocol):
         namespace: str | None = None,
         *,
         subresource: str = "",
-        content_type: str = ...,
+        content_type: str = MERGE_PATCH,
     ) -> dict[str, Any]: ...
 
     async def patch_status(

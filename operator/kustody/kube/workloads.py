@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kustody.kube.api import JSON_PATCH
-from kustody.kube.protocol import KubeApi
+from kustody.kube.protocol import JSON_PATCH, KubeApi
 from kustody.kube.resources import WORKLOADS
 
 # One annotation per DataKey (DataKey names are at most 63 characters, a valid name part).

@@ -16,8 +16,8 @@ milliseconds (like httpx's ``MockTransport``): no API server, no sidecar, no tok
   moved only by the test.
 - :class:`FakeOperator` — a :class:`~kustody.controller.runtime.Runtime` wired to the fakes,
   plus what the operator process does around the reconcilers: watch events into the stores
-  (through :mod:`kustody.controller.watch`'s own handlers) and workers taking due keys off
-  the queue.
+  (through :mod:`kustody.controller.events`, the operator's own handlers) and workers
+  taking due keys off the queue.
 
 A test::
 
@@ -31,9 +31,9 @@ A test::
     op.hsm.set_unavailable()                       # faults: hsm.fail_next, kube.fail_next
     await op.advance(hours=24)                     # time moves only when the test says so
 
-Importing this module loads neither ``kubernetes`` nor ``pkcs11``; the reconcilers and the
-watch module, imported when :class:`FakeOperator` first needs them, load Kopf (which loads
-``kubernetes``).
+Importing this module loads neither ``kubernetes``, ``kopf`` nor ``pkcs11``, and neither do
+the reconcilers and event handlers :class:`FakeOperator` imports when it first needs them
+(import-linter holds the controller's reconcilers to that).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ from kustody.domain.keyversion import (
 from kustody.domain.secret import MANAGED_BY, MANAGER
 from kustody.domain.timestamps import format_time
 from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
+from kustody.kube.protocol import JSON_PATCH, MERGE_PATCH
 from kustody.kube.resources import (
     DATAKEYS,
     ESCROW_AGENTS,
@@ -128,9 +129,6 @@ __all__ = [
     "selector_matches",
 ]
 
-# The content types :class:`kustody.kube.api.Kube` sends (not imported: it loads kubernetes).
-MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 
 _EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -1271,9 +1269,8 @@ Reconciler = Callable[[Runtime, str, str], Awaitable[float | None]]
 WatchHandler = Callable[[Runtime, Mapping[str, Any]], None]
 
 
-# The reconcilers and the watch module are imported when first used, not with this module:
-# kustody.controller.watch loads Kopf (which loads the kubernetes package), and so does the
-# DataKey reconciler (through kustody.kube.workloads); FakeKube and FakeKeyService need none.
+# The reconcilers and the event handlers are imported when first used, not with this module;
+# FakeKube and FakeKeyService need neither.
 
 
 def reconcilers() -> dict[str, Reconciler]:
@@ -1292,16 +1289,16 @@ def reconcilers() -> dict[str, Reconciler]:
 
 
 def _watch_handlers() -> tuple[dict[str, WatchHandler], Callable[[Runtime, str, Any], None]]:
-    from kustody.controller import watch
+    from kustody.controller import events
 
     handlers: dict[str, WatchHandler] = {
-        KEYRINGS.kind: watch.keyring_event,
-        DATAKEYS.kind: watch.datakey_event,
-        ROTATION_POLICIES.kind: watch.policy_event,
-        NAMESPACES.kind: watch.namespace_event,
-        ESCROW_AGENTS.kind: watch.escrow_agent_event,
+        KEYRINGS.kind: events.keyring_event,
+        DATAKEYS.kind: events.datakey_event,
+        ROTATION_POLICIES.kind: events.policy_event,
+        NAMESPACES.kind: events.namespace_event,
+        ESCROW_AGENTS.kind: events.escrow_agent_event,
     }
-    return handlers, watch.secret_event
+    return handlers, events.secret_event
 
 
 _SECRET_SELECTOR = f"{MANAGED_BY}={MANAGER}"  # the operator's Secret informer's selector
@@ -1321,7 +1318,7 @@ class FakeOperator:
     """A :class:`~kustody.controller.runtime.Runtime` on fakes, with the operator process's
     loop around the reconcilers, driven by the test:
 
-    * :meth:`deliver` hands what changed in :attr:`kube` to :mod:`kustody.controller.watch`'s
+    * :meth:`deliver` hands what changed in :attr:`kube` to :mod:`kustody.controller.events`'s
       handlers, as the watches would (Secrets as metadata only, and only those carrying
       ``app.kubernetes.io/managed-by=kustody``, as the operator's informer selects): the
       stores and the queue are filled by the real code;
@@ -1377,7 +1374,7 @@ class FakeOperator:
 
     def skip_events(self) -> int:
         """Lose what changed since the last delivery (a watch that broke): the stores keep
-        their old view until a relist (``kustody.controller.watch.prune``)."""
+        their old view until a relist (``kustody.controller.events.prune``)."""
         changes, self._cursor = self.kube.changes_since(self._cursor)
         return len(changes)
 
