@@ -290,7 +290,7 @@ def test_kms_and_unwrap_options(kube: Cluster) -> None:
 def _metric_names() -> set[str]:
     """Metric names as exposed: counters get ``_total``, histograms ``_bucket``."""
     names: set[str] = set()
-    for module in ("handlers/metrics.py", "hsm/metrics.py"):
+    for module in ("controller/metrics.py", "sidecar/metrics.py", "sidecar/unwrap/metrics.py"):
         source = (ROOT / "operator" / "kustody" / module).read_text()
         for kind, name in re.findall(
             r"(Counter|Histogram|GaugeMetricFamily)\(\s*\"(\w+)\"", source
