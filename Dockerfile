@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # Kustody: one image, two commands — `kustody operator` and `kustody hsm` (the PKCS#11 sidecar).
 #   docker build -t ghcr.io/kustody/kustody:dev .
+#   make image     # podman, and with no registry a PYTHON_IMAGE made here from Debian packages
+#                  # (tools/image/base.sh): --build-arg PYTHON_IMAGE=localhost/python:3.11-bookworm
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

@@ -8,6 +8,7 @@ These tests skip only where podman cannot exist: not on PATH and no way to insta
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,10 @@ def kustody_image() -> str:
 # -- kind ---------------------------------------------------------------------------------
 
 KIND_NETWORK = "kustody-kind-test"
+KIND_SUBNET = os.environ.get("KUSTODY_KIND_SUBNET", "10.89.77.0/24")
+# Packets from the kind network to anywhere but itself are dropped where the host forwards
+# them (mangle FORWARD comes before netavark's filter rules, which would masquerade them).
+_FENCE = ["FORWARD", "-s", KIND_SUBNET, "!", "-d", KIND_SUBNET, "-j", "DROP"]
 
 
 @pytest.fixture(scope="session")
@@ -63,15 +68,30 @@ def kind_build() -> dict[str, Path | str]:
 
 
 @pytest.fixture(scope="session")
-def kind_network() -> Iterator[str]:
-    """The one podman network the kind nodes join, made by this test run and removed after.
+def kind_network(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The one podman network the kind nodes join, made by this test run and removed after,
+    fenced: nothing from it is forwarded off it (the host reaches the nodes over its bridge
+    address; the nodes reach nothing beyond the network). CoreDNS is told not to forward
+    either (the ``kind`` fixture). No DNS server on the network: nodes resolve nothing.
 
-    ``--internal``: no route off this machine, so nothing the cluster does (CoreDNS
-    forwarding a name it does not know, say) leaves it. The host still reaches the nodes
-    over the bridge (the API server's published port)."""
-    subprocess.run(["podman", "network", "rm", "-f", KIND_NETWORK], capture_output=True)
-    run(["podman", "network", "create", "--internal", "--disable-dns", KIND_NETWORK])
+    Not ``--internal``: the host then has no address on the bridge, so the published API
+    server port and the node addresses would be routed off the machine instead."""
+    exists = subprocess.run(["podman", "network", "exists", KIND_NETWORK]).returncode == 0
+    if not (exists and os.environ.get("KUSTODY_KIND_REUSE") == "1"):
+        # `rm -f` also removes the containers on it: a node left by an interrupted run.
+        subprocess.run(["podman", "network", "rm", "-f", KIND_NETWORK], capture_output=True)
+        run(["podman", "network", "create", "--disable-dns", "--subnet", KIND_SUBNET, KIND_NETWORK])
+    fenced = shutil.which("iptables") is not None
+    if fenced:
+        subprocess.run(["iptables", "-t", "mangle", "-D", *_FENCE], capture_output=True)
+        run(["iptables", "-t", "mangle", "-I", *_FENCE[:1], "1", *_FENCE[1:]])
     os.environ["KIND_EXPERIMENTAL_PROVIDER"] = "podman"
     os.environ["KIND_EXPERIMENTAL_PODMAN_NETWORK"] = KIND_NETWORK
-    yield KIND_NETWORK
-    subprocess.run(["podman", "network", "rm", "-f", KIND_NETWORK], capture_output=True)
+    try:
+        yield KIND_NETWORK
+    finally:
+        # A kept cluster's node stays on it (`podman network rm -f` would remove the node).
+        if not request.config.getoption("keep_cluster"):
+            if fenced:
+                subprocess.run(["iptables", "-t", "mangle", "-D", *_FENCE], capture_output=True)
+            subprocess.run(["podman", "network", "rm", "-f", KIND_NETWORK], capture_output=True)

@@ -13,8 +13,9 @@ base=localhost/debian:bookworm
 python=localhost/python:3.11-bookworm
 
 mirror() {
-  # The Debian mirror apt already uses (deb822 or one-line sources).
+  # On Debian, the mirror apt already uses (deb822 or one-line sources); elsewhere Debian's.
   local uri
+  if ! grep -qs '^ID=debian' /etc/os-release; then echo http://deb.debian.org/debian; return; fi
   uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
   [ -n "$uri" ] || uri=$(awk '/^deb / && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
   echo "${uri:-http://deb.debian.org/debian}"

@@ -299,29 +299,23 @@ def build_images(timings: dict[str, float]) -> list[Path]:
     ).stdout.strip()
     for ref, (name, binary, containerfile) in plan.items():
         archive = archives_dir / f"{name}.tar"
+        inputs = hashlib.sha256(containerfile.encode() + base_id.encode())
+        if binary is not None:
+            inputs.update(_digest(binary).encode())
+        label = inputs.hexdigest()[:16]
+        if archive.is_file() and _image_exists(ref) and _label(ref, "io.kustody.inputs") == label:
+            archives.append(archive)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             context = Path(tmp)
-            inputs = hashlib.sha256(containerfile.encode() + base_id.encode())
             if binary is not None:
                 shutil.copy(binary, context / binary.name)
-                inputs.update(_digest(binary).encode())
             started = time.monotonic()
-            built = _podman_build(ref, context, containerfile, inputs.hexdigest()[:16])
-            if built or not archive.is_file():
-                _run(
-                    [
-                        "podman",
-                        "save",
-                        "--format",
-                        "docker-archive",
-                        "-o",
-                        str(archive) + ".tmp",
-                        ref,
-                    ]
-                )
-                os.replace(str(archive) + ".tmp", archive)
-                timings[f"image {name}"] = time.monotonic() - started
-                _log(f"image {ref} -> {archive.name} ({time.monotonic() - started:.0f}s)")
+            _podman_build(ref, context, containerfile, label)
+            _run(["podman", "save", "--format", "docker-archive", "-o", f"{archive}.tmp", ref])
+            os.replace(f"{archive}.tmp", archive)
+            timings[f"image {name}"] = time.monotonic() - started
+            _log(f"image {ref} -> {archive.name} ({time.monotonic() - started:.0f}s)")
         archives.append(archive)
     return archives
 
