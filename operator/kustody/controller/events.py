@@ -111,7 +111,7 @@ Handler = Callable[[Runtime, Mapping[str, Any]], None]
 
 
 def stores(rt: Runtime) -> list[tuple[Store, Resource, Handler]]:
-    """Each Kopf-watched kind: its store, its resource and its event handler."""
+    """Each watched kind but Secrets: its store, its resource and its event handler."""
     return [
         (rt.keyrings, KEYRINGS, keyring_event),
         (rt.datakeys, DATAKEYS, datakey_event),
@@ -119,6 +119,28 @@ def stores(rt: Runtime) -> list[tuple[Store, Resource, Handler]]:
         (rt.namespaces, NAMESPACES, namespace_event),
         (rt.escrow_agents, ESCROW_AGENTS, escrow_agent_event),
     ]
+
+
+def kopf_stores(rt: Runtime) -> list[tuple[Store, Resource, Handler]]:
+    """The kinds Kopf watches: all but DataKeys (their own informer, the kind there are most
+    of; see :func:`datakeys_relisted`) and Secrets (metadata only, :func:`secret_event`)."""
+    return [entry for entry in stores(rt) if entry[1] is not DATAKEYS]
+
+
+def datakey_watched(rt: Runtime, kind: str, obj: Obj) -> None:
+    """A DataKey event from its informer."""
+    datakey_event(rt, {"type": kind, "object": obj})
+
+
+def datakeys_relisted(rt: Runtime, datakeys: Sequence[Obj], list_version: str) -> None:
+    """After a (re)list of DataKeys: forget the held ones the LIST no longer shows (unless
+    newer than it), take in the rest."""
+    present = {key_of(d) for d in datakeys}
+    listed = int(list_version) if list_version.isdigit() else 0
+    if gone := forget_vanished(rt, rt.datakeys, datakey_event, present, listed):
+        log.info("%d DataKey(s) deleted while the watch was broken: forgotten", gone)
+    for obj in datakeys:
+        datakey_event(rt, {"type": "MODIFIED", "object": obj})
 
 
 def forget_vanished(
@@ -142,7 +164,7 @@ def forget_vanished(
 
 
 async def prune(rt: Runtime, kube: KubeApi) -> None:
-    """LIST each Kopf-watched kind (metadata only) and forget what is gone."""
+    """LIST each watched kind (metadata only) and forget what is gone."""
     for store, res, handler in stores(rt):
         try:
             items, version = await kube.list_metadata(res)

@@ -1,6 +1,7 @@
-"""Kopf, and only here: it watches the custom resources and Namespaces and hands each event
-to its handler in :mod:`kustody.controller.events`; its settings for a watch-only use; the
-login; a quiet teardown.
+"""Kopf, and only here: it watches KeyRings, RotationPolicies, EscrowAgents and Namespaces
+and hands each event to its handler in :mod:`kustody.controller.events`; its settings for a
+watch-only use; the login; a quiet teardown. (DataKeys and Secrets come through
+:class:`kustody.kube.informer.Informer`: many objects, little per-event cost.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from kustody.controller.events import Handler, stores
+from kustody.controller.events import Handler, kopf_stores
 from kustody.controller.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def serve(rt: Runtime, kubeconfig: str | None, stop: asyncio.Event) -> Coroutine
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
-    for _store, res, handler in stores(rt):
+    for _store, res, handler in kopf_stores(rt):
         on_event = kopf.on.event(
             res.group, res.version, res.plural, id=f"record-{res.plural}", registry=registry
         )
@@ -78,8 +79,25 @@ def _bound(rt: Runtime, handler: Handler) -> Callable[..., Awaitable[None]]:
     return on_event
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """Kustody registers only event handlers (:func:`register`): nothing compares diff bases,
+    so none is built or read. Kopf's default builds one per event by deep-copying the whole
+    object (status included, then dropped): about a tenth of the operator's CPU at scale."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        return None
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
-    """Kopf settings for a watch-only use: no peering, no posting, bounded watches."""
+    """Kopf settings for a watch-only use: no peering, no posting, no diff bases, bounded
+    watches."""
+    settings.persistence.diffbase_storage = _NoDiffBase()
     settings.peering.standalone = True  # one active replica is ensured by our Lease
     settings.posting.enabled = False  # Events are ours, deduplicated (kube.events)
     settings.watching.server_timeout = 270  # streams silently die without it (kopf #585)

@@ -251,13 +251,29 @@ class Kube:
     ) -> tuple[builtins.list[dict[str, Any]], str]:
         """Every object's metadata only (PartialObjectMetadata), page by page: a Secret's
         data never crosses the wire. Returns the items and the list's resourceVersion."""
+        return await self.list_pages(
+            res, namespace, label_selector, page_size=page_size, metadata_only=True
+        )
+
+    async def list_pages(
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        *,
+        page_size: int = 500,
+        metadata_only: bool = False,
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every object (or its metadata only), page by page; returns the items and the
+        list's resourceVersion (a watch resumes from it)."""
         items: builtins.list[dict[str, Any]] = []
         query: dict[str, str] = {"limit": str(page_size)}
         if label_selector:
             query["labelSelector"] = label_selector
+        accept = METADATA_LIST if metadata_only else "application/json"
         while True:
             page = await self.request(
-                "GET", res.path(None, namespace), query=query, kind=res.kind, accept=METADATA_LIST
+                "GET", res.path(None, namespace), query=query, kind=res.kind, accept=accept
             )
             items.extend(page.get("items") or ())
             meta = page.get("metadata") or {}

@@ -1,8 +1,10 @@
-"""A metadata-only informer: LIST then WATCH of one kind as PartialObjectMetadata.
+"""An informer: LIST then WATCH of one kind, whole objects or metadata only.
 
-Used for Secrets: anyone who may create Secrets can make them carry Kustody's labels, and
-their data (up to 1 MiB each) must never reach the operator's memory. Only metadata crosses
-the wire; a reconciler that needs an owned Secret's data GETs that one Secret.
+Metadata only for Secrets: anyone who may create Secrets can make them carry Kustody's
+labels, and their data (up to 1 MiB each) must never reach the operator's memory. Only
+metadata crosses the wire; a reconciler that needs an owned Secret's data GETs that one
+Secret. Whole objects for DataKeys, the kind there are most of: each event costs a JSON
+decode and a handler call (Kopf's event machinery costs several times that per event).
 
 The watch resumes from the last resourceVersion it saw (bookmarks keep it fresh); when the
 API server answers 410 Gone (the version was compacted away) it lists again and reports the
@@ -52,8 +54,8 @@ def read_watch_lines(response: Any, stopped: threading.Event) -> Iterator[dict[s
         yield json.loads(pending)
 
 
-class MetadataInformer:
-    """Keeps a consumer current with one kind's metadata: ``sync()`` once, then ``run()``."""
+class Informer:
+    """Keeps a consumer current with one kind: ``sync()`` once, then ``run()``."""
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class MetadataInformer:
         label_selector: str | None = None,
         timeout_seconds: int = 270,
         retry_seconds: float = 1.0,
+        metadata_only: bool = True,
     ) -> None:
         self._kube = kube
         self._res = res
@@ -73,12 +76,13 @@ class MetadataInformer:
         self._selector = label_selector
         self._timeout = timeout_seconds
         self._retry = retry_seconds
+        self._metadata_only = metadata_only
         self.resource_version = ""
         self.relists = 0
 
     async def sync(self) -> None:
-        items, self.resource_version = await self._kube.list_metadata(
-            self._res, label_selector=self._selector
+        items, self.resource_version = await self._kube.list_pages(
+            self._res, label_selector=self._selector, metadata_only=self._metadata_only
         )
         for item in items:
             _complete(item, self._res)
@@ -118,7 +122,7 @@ class MetadataInformer:
             self.resource_version,
             label_selector=self._selector,
             timeout_seconds=self._timeout,
-            metadata_only=True,
+            metadata_only=self._metadata_only,
         )
 
         def pump() -> None:
@@ -166,6 +170,7 @@ class MetadataInformer:
 
 
 def _complete(obj: dict[str, Any], res: Resource) -> None:
-    # PartialObjectMetadata items say kind PartialObjectMetadata; consumers want the real kind.
+    # PartialObjectMetadata items say kind PartialObjectMetadata, and the items of a LIST say
+    # no kind at all; consumers want the real kind.
     obj["apiVersion"] = res.api_version
     obj["kind"] = res.kind
