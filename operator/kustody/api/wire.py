@@ -50,7 +50,9 @@ class Op(enum.IntEnum):
     GENERATE = 7  # ((ring, version | None, length, with_plaintext, binding), ...) -> items
     DECRYPT = 8  # ((ring, version, nonce, sealed, aad), ...) -> (plaintext | error, ...)
     REWRAP = 9  # ((ring, version, nonce, sealed, binding, to_version | None), ...) -> items
-    SEAL = 10  # (ring, version | None, plaintext) -> (info, nonce, sealed), bound to the KMS key_id
+    # (ring, version | None, plaintext) -> (info, nonce, sealed), bound to the KMS key_id; or a
+    # list of such triples (coalesced KMS Encrypts) -> one (info, nonce, sealed) or error each
+    SEAL = 10
     RESCAN = 11  # () -> None: forget cached handles and rescan the token (as a restart would)
     EXPORT_ESCROW = 12  # (ring, version, agent fingerprint) -> (wrapped bytes, check value)
     AGENT = 13  # (agent fingerprint,) -> bool: the token holds it as a trusted wrapping key

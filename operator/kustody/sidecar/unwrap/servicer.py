@@ -159,7 +159,7 @@ class UnwrapServicer:
             try:
                 # Shielded: a caller that goes away must not cancel the HSM request under it.
                 # The worker does the work anyway, and concurrent decrypts share one worker
-                # request whose bookkeeping (kustody.sidecar.keyservice._DecryptQueue) is only
+                # request whose bookkeeping (kustody.sidecar.keyservice._Coalescer) is only
                 # released when an answer is delivered to a waiter that is not done — a
                 # cancelled sole waiter would leave every later decrypt queued for ever.
                 plaintexts = await asyncio.shield(
