@@ -20,7 +20,7 @@ import pytest
 from kind_helpers import ROOT, eventually, run
 from kustody.dev.controlplane import Cluster, ControlPlane
 
-pytestmark = pytest.mark.kind
+pytestmark = [pytest.mark.kind, pytest.mark.timeout(1800)]
 
 UID = 10001
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"

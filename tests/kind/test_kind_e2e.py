@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from kind_helpers import IMAGE, ROOT, eventually, run
 
-pytestmark = [pytest.mark.kind, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
 
 NAME = "kustody-e2e"
 NODE = f"{NAME}-control-plane"
