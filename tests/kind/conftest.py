@@ -7,6 +7,7 @@ These tests skip only where podman cannot exist: not on PATH and no way to insta
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -54,8 +55,13 @@ def kind_build() -> dict[str, Path | str]:
     started = time.monotonic()
     run([sys.executable, str(ROOT / "tools" / "kind" / "build.py")], timeout=3600)
     print(f"\nkind build (cached after the first): {time.monotonic() - started:.0f}s")
-    sys.path.insert(0, str(ROOT / "tools" / "kind"))
-    import build as kind_tools  # tools/kind/build.py
+    spec = importlib.util.spec_from_file_location(
+        "kustody_kind_build", ROOT / "tools/kind/build.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    kind_tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kind_tools)
     from kustody.dev import binaries
 
     bins = binaries.require_binaries()
