@@ -46,7 +46,7 @@ SIZES = (
     else tuple(int(n) for n in os.environ.get("BENCH_SIZES", "100,1000").split(","))
 )
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
-RESYNC_EVERY = float(os.environ.get("BENCH_RESYNC_SECONDS", "30"))
+RESYNC_EVERY = float(os.environ.get("BENCH_RESYNC_SECONDS", "30"))  # 0: not measured
 TARGET_S, TARGET_RSS = 60.0, 300.0  # issue #17, at N = 10,000 on 2 cores
 
 
@@ -378,7 +378,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    reps = [run_once(SIZES, resync=i == 0 and max(SIZES) >= 1000) for i in range(REPEAT)]
+    reps = [run_once(SIZES, resync=i == 0 and RESYNC_EVERY > 0) for i in range(REPEAT)]
     rows = []
     for n in SIZES:
         runs = [next(r for r in rep["sizes"] if r["n"] == n) for rep in reps]
