@@ -308,21 +308,25 @@ class Kube:
             header_params={"Accept": METADATA_ITEM if metadata_only else "application/json"},
             auth_settings=["BearerToken"],
         )
+        started, status = time.perf_counter(), 0
         try:
             response = self._api.call_api(
                 "GET", url, header_params=headers, body=payload, post_params=post,
                 _request_timeout=(10, timeout_seconds + 30),
             )  # fmt: skip
+            status = int(response.status)
+            if status >= 400:
+                raise self._watch_refused(res.kind, status, response.read(), response.headers)
+            return response.response
         except ApiException as exc:
-            raise self._watch_refused(
-                res.kind, int(exc.status or 0), exc.body, exc.headers
-            ) from None
+            status = int(exc.status or 0)
+            raise self._watch_refused(res.kind, status, exc.body, exc.headers) from None
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise Unavailable(0, "Unreachable", type(exc).__name__) from None
-        if int(response.status) >= 400:
-            status = int(response.status)
-            raise self._watch_refused(res.kind, status, response.read(), response.headers)
-        return response.response
+        finally:
+            # Counted like every other request (the opening of the stream, not its length).
+            if self._observe is not None:
+                self._observe("WATCH", res.kind, status, time.perf_counter() - started)
 
     def _watch_refused(
         self, kind: str, status: int, raw: bytes | str | None, headers: Any
