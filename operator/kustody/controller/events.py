@@ -70,7 +70,14 @@ def datakey_event(rt: Runtime, event: Mapping[str, Any]) -> None:
     meta = obj["metadata"]
     rt.enqueue(DATAKEY, meta.get("namespace"), meta["name"])
     if keyring := datakey_keyring(obj):
-        rt.enqueue(KEYRING, None, keyring, delay=1.0)
+        # Its references and Rotating condition: a KeyRing pass looks at all its DataKeys,
+        # so while thousands change it looks at most every few seconds (1 s up to 2,000).
+        rt.enqueue(KEYRING, None, keyring, delay=keyring_delay(rt, keyring))
+
+
+def keyring_delay(rt: Runtime, keyring: str) -> float:
+    """How soon a KeyRing looks again after one of its DataKeys changed."""
+    return min(10.0, max(1.0, rt.datakeys.count(keyring) / 2000))
 
 
 def policy_event(rt: Runtime, event: Mapping[str, Any]) -> None:

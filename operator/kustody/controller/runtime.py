@@ -13,6 +13,7 @@ from kustody.controller.metrics import OperatorMetrics
 from kustody.controller.ports import Clock, Events, KeyService, KubeApi
 from kustody.controller.store import Obj, Store
 from kustody.controller.workqueue import WorkQueue
+from kustody.domain import keyset
 from kustody.domain.secret import LABEL_KEYRING, MANAGED_BY, MANAGER
 from kustody.domain.specs import REWRAP_ANNOTATION, NamespaceSelector
 from kustody.kube.resources import GROUP
@@ -147,6 +148,9 @@ class Runtime:
     queue: WorkQueue[QueueKey] = field(default_factory=WorkQueue)
     health: HsmHealth = field(default_factory=HsmHealth)
     max_batch: int = 100
+    # uid -> (resourceVersion, the KEK versions its generations are wrapped under): a KeyRing
+    # pass looks at every DataKey of the ring, up to once a second while they change.
+    _in_use: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)
     _generate: Batcher[GenerateItem, DataKey] | None = None
     _rewrap: dict[int, Batcher[tuple[str, Binding], ReWrapped]] = field(default_factory=dict)
 
@@ -175,6 +179,21 @@ class Runtime:
                 return True
             return False
         return self.secrets.put(trim_secret(secret))
+
+    def wrapping_versions(self, datakey: Obj) -> frozenset[int]:
+        """The KEK versions ``datakey``'s generations are wrapped under (from its status),
+        parsed once per resourceVersion."""
+        meta = datakey.get("metadata") or {}
+        uid, version = str(meta.get("uid") or ""), str(meta.get("resourceVersion") or "")
+        held = self._in_use.get(uid)
+        if held is not None and held[0] == version and version:
+            return held[1]
+        generations = keyset.from_status(datakey.get("status") or {}, uid)
+        versions = frozenset(keyset.versions_in_use(generations))
+        if len(self._in_use) > 2 * len(self.datakeys) + 1000:  # forget deleted DataKeys
+            self._in_use.clear()
+        self._in_use[uid] = (version, versions)
+        return versions
 
     def enqueue_datakeys_of(self, keyring: str, delay: float = 0.0) -> None:
         for dk in self.datakeys.by_index(keyring):

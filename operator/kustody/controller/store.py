@@ -97,6 +97,10 @@ class Store:
     def __iter__(self) -> Iterator[Key]:
         return iter(list(self._objects))
 
+    def count(self, value: str) -> int:
+        """How many objects the index holds under ``value`` (without listing them)."""
+        return len(self._index.get(value, ()))
+
     def by_index(self, value: str) -> list[Obj]:
         return [self._objects[k] for k in sorted(self._index.get(value, ())) if k in self._objects]
 

@@ -18,7 +18,7 @@ from kustody.controller.runtime import (
     status_secret_name,
 )
 from kustody.controller.store import key_of
-from kustody.domain import keyset, lifecycle
+from kustody.domain import lifecycle
 from kustody.domain.lifecycle import References
 from kustody.domain.objects import ObjectMeta
 from kustody.domain.secret import LABEL_KEYRING, LABEL_VERSION, MANAGED_BY, MANAGER
@@ -49,7 +49,7 @@ async def references(
         if not rt.namespace_allowed(allowed, namespace):
             continue
         status = dk.get("status") or {}
-        versions = keyset.versions_in_use(keyset.from_status(status, meta.uid))
+        versions = set(rt.wrapping_versions(dk))
         if v := status.get("keyRingVersion"):
             versions.add(int(v))
         secret = secrets.get((namespace, status_secret_name(dk) or ""))

@@ -7,10 +7,9 @@ import datetime as dt
 from dataclasses import replace
 
 from kustody.controller.keyring.state import KeyRingPass
-from kustody.domain import keyset, lifecycle
+from kustody.domain import lifecycle
 from kustody.domain.conditions import Condition
 from kustody.domain.lifecycle import References, State
-from kustody.domain.objects import ObjectMeta
 from kustody.domain.specs import Rewrap, RotationPolicySpec
 from kustody.domain.timestamps import format_time
 
@@ -35,16 +34,7 @@ def summarise(
 def _rotating(p: KeyRingPass, manual: bool) -> Condition:
     primary = p.primary
     datakeys = p.rt.datakeys.by_index(p.name)
-    behind = sum(
-        1
-        for d in datakeys
-        if any(
-            v != primary
-            for v in keyset.versions_in_use(
-                keyset.from_status(d.get("status") or {}, ObjectMeta.of(d).uid)
-            )
-        )
-    )
+    behind = sum(1 for d in datakeys if any(v != primary for v in p.rt.wrapping_versions(d)))
     if behind and not manual:
         return Condition(
             "Rotating",
