@@ -820,7 +820,19 @@ def test_kind_config_encrypts_secrets_at_rest_through_kustody_kms(kind: Kind) ->
         return out.strip() == "ok" and "encryption-provider-config" in args
 
     eventually(kms_ready, 300, "kube-apiserver back with the KMS provider healthy", every=3)
-    kind.kubectl("create", "secret", "generic", "hello", "--from-literal=greeting=hi")
+    # Idempotent: right after its restart kube-apiserver may answer a write with a retryable
+    # error after storing it, and kubectl's retry of a `create` then meets "already exists".
+    hello = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "stringData": {"greeting": "hi"},
+    }
+    eventually(
+        lambda: kind.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(hello)),
+        120,
+        "the Secret hello written",
+    )
     stored = _etcd_value(kind, "/registry/secrets/default/hello")
     kind.show(
         "kubectl create secret generic hello --from-literal=greeting=hi; "
