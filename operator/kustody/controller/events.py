@@ -77,7 +77,7 @@ def datakey_event(rt: Runtime, event: Mapping[str, Any]) -> None:
 
 def keyring_delay(rt: Runtime, keyring: str) -> float:
     """How soon a KeyRing looks again after one of its DataKeys changed."""
-    return min(10.0, max(1.0, rt.datakeys.count(keyring) / 2000))
+    return rt.keyring_delay(keyring)
 
 
 def policy_event(rt: Runtime, event: Mapping[str, Any]) -> None:

@@ -106,7 +106,8 @@ async def _record(p: DataKeyPass) -> None:
         observedGeneration=p.meta.generation or None,
     )
     if await p.write_status(p.status):
-        p.rt.enqueue(KEYRING, None, p.spec.key_ring, delay=1.0)  # references and Rotating
+        ring = p.spec.key_ring  # its references and Rotating condition
+        p.rt.enqueue(KEYRING, None, ring, delay=p.rt.keyring_delay(ring))
     await p.flush_events()
 
 

@@ -165,7 +165,7 @@ def _check_written(rt: Runtime, content: SecretContent, stored: Mapping[str, Any
     # echo of this write changes nothing in the store: look at the KeyRing again from here
     # (a pass made between the status write and this one saw the old version and waits).
     if ring := content.labels.get(LABEL_KEYRING):
-        rt.enqueue(KEYRING, None, ring, delay=1.0)
+        rt.enqueue(KEYRING, None, ring, delay=rt.keyring_delay(ring))
     if differs(content, stored):
         raise NotAsWritten(
             0,
