@@ -3,7 +3,6 @@ versions are parsed once per resourceVersion, and the KeyRing looks again less o
 
 from __future__ import annotations
 
-from kustody.controller.events import keyring_delay
 from kustody.testing.fakes import FakeOperator, datakey
 
 
@@ -32,9 +31,9 @@ def test_wrapping_versions_follow_the_resource_version() -> None:
 
 def test_a_keyring_with_many_datakeys_looks_again_less_often() -> None:
     rt = FakeOperator().rt
-    assert keyring_delay(rt, "ring") == 1.0
+    assert rt.keyring_delay("ring") == 1.0
     for i in range(6000):
         rt.datakeys.put(_dk(f"d{i}", "1", [1]))
     assert rt.datakeys.count("ring") == 6000
-    assert keyring_delay(rt, "ring") == 3.0
-    assert keyring_delay(rt, "other") == 1.0
+    assert rt.keyring_delay("ring") == 3.0
+    assert rt.keyring_delay("other") == 1.0

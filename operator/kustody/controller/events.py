@@ -72,12 +72,7 @@ def datakey_event(rt: Runtime, event: Mapping[str, Any]) -> None:
     if keyring := datakey_keyring(obj):
         # Its references and Rotating condition: a KeyRing pass looks at all its DataKeys,
         # so while thousands change it looks at most every few seconds (1 s up to 2,000).
-        rt.enqueue(KEYRING, None, keyring, delay=keyring_delay(rt, keyring))
-
-
-def keyring_delay(rt: Runtime, keyring: str) -> float:
-    """How soon a KeyRing looks again after one of its DataKeys changed."""
-    return rt.keyring_delay(keyring)
+        rt.enqueue(KEYRING, None, keyring, delay=rt.keyring_delay(keyring))
 
 
 def policy_event(rt: Runtime, event: Mapping[str, Any]) -> None:

@@ -51,12 +51,14 @@ class DataKeyPass:
     meta: ObjectMeta = field(init=False)
     status: dict[str, Any] = field(init=False)
     generations: list[keyset.Generation] = field(init=False)
+    binding: Binding = field(init=False)  # what every wrapped key of this DataKey is bound to
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
 
     def __post_init__(self) -> None:
         self.meta = ObjectMeta.of(self.obj)
         self.status = dict(self.obj.get("status") or {})
         self.generations = keyset.from_status(self.status, self.meta.uid)
+        self.binding = Binding(self.namespace, self.name, dict(self.spec.encryption_context))
 
     @property
     def namespace(self) -> str:
@@ -65,10 +67,6 @@ class DataKeyPass:
     @property
     def name(self) -> str:
         return self.meta.name
-
-    @property
-    def binding(self) -> Binding:
-        return Binding(self.namespace, self.name, dict(self.spec.encryption_context))
 
     def note(self, reason: str, message: str, *, warning: bool = False) -> None:
         self.events.append(("Warning" if warning else "Normal", reason, message))
