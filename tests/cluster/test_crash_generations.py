@@ -127,7 +127,9 @@ def test_regeneration_and_rewrap_of_keysets_survive_sigkills(
                 for s in _items(plane, "secrets")
                 if "keyset" in (s.get("data") or {})
             }
-            return len(dks) == N and all(
+            # The rotation was requested while the operator was being killed: wait for it too
+            # (without this, the DataKeys' regeneration alone can look settled on version 1).
+            return primary == 2 and len(dks) == N and all(
                 ready(d)
                 and len(d["status"].get("generations") or ()) == 2
                 and all(g["keyRingVersion"] == primary for g in d["status"]["generations"])
