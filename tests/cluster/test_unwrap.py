@@ -631,8 +631,13 @@ def _hsm_worker(world: World) -> int:
     front = world.sidecar.proc.pid()
     assert front is not None
     children = Path(f"/proc/{front}/task/{front}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
+    workers = [
+        int(pid)
+        for pid in children
+        if b"kustody.pkcs11.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 1, children
+    return workers[0]
 
 
 def test_a_cancelled_or_timed_out_unwrap_is_never_audited_as_ok(world: World) -> None:

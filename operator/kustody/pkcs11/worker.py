@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
-import os
-import resource
 import signal
 import socket
 import sys
@@ -36,6 +33,7 @@ from kustody.api import wire
 from kustody.api.errors import HsmError, Reason, from_domain
 from kustody.api.health import NOT_YET, Health
 from kustody.api.pin import read_pin
+from kustody.api.process import die_with_parent, harden
 from kustody.api.token import IvPolicy, TokenConfig
 from kustody.domain.aad import KmsBinding
 from kustody.domain.envelope import MAX_DEK_BYTES, MAX_PLAINTEXT_BYTES, MIN_DEK_BYTES, header_for
@@ -51,10 +49,6 @@ from kustody.pkcs11.kekstore import KekStore
 from kustody.pkcs11.token import TokenLost, TokenSession
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_GET_DUMPABLE = 3
 
 
 def info_wire(info: VersionInfo) -> wire.WireInfo:
@@ -450,23 +444,6 @@ def serve(sock: socket.socket, token: Token) -> None:
         sock.sendall(data)
 
 
-def harden() -> None:
-    """No core dumps, and not dumpable (no core, /proc/<pid> owned by root, no ptrace by
-    processes of the same uid): this process holds the PIN and, briefly, plaintext DEKs."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0):
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
-
-
-def _die_with_parent(parent: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kustody.pkcs11.worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -486,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"kustody.pkcs11.worker: cannot disable core dumps: {exc}", file=sys.stderr)
         return 3
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level,

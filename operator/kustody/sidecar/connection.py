@@ -40,13 +40,13 @@ from kustody.domain.keyversion import (
     VersionInfo,
     VersionState,
 )
+from kustody.sidecar.frames import FramedStream
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 10.0
 _FIRST_BACKOFF = 0.1
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the backoff
-_RECV_BYTES = 1 << 16  # recv() allocates this much each call: 256 KiB cost 15 us a call, 64 KiB 2.5
 
 
 class Waiter(Protocol):
@@ -62,12 +62,30 @@ class Waiter(Protocol):
     def set_exception(self, exception: BaseException, /) -> None: ...
 
 
+class TokenLink(Protocol):
+    """What :class:`kustody.sidecar.keyservice.KeyService` needs of its way to the token: the
+    worker process itself (:class:`HsmConnection`, in the first front end) or a relay to the
+    front end that owns it (:class:`kustody.sidecar.relay.RelayLink`, in the others)."""
+
+    health: Health
+    snapshot: tuple[VersionInfo, ...]
+
+    @property
+    def token_label(self) -> str: ...
+
+    def submit(self, op: wire.Op, args: Any, waiter: Waiter) -> None: ...
+
+    async def request(self, op: wire.Op, args: Any) -> Any: ...
+
+    async def check(self, *, force: bool = False) -> Health: ...
+
+
 def info_from_wire(item: wire.WireInfo) -> VersionInfo:
     ring, version, state, fingerprint, escrowable = item
     return VersionInfo(KeyVersionRef(ring, version), VersionState(state), fingerprint, escrowable)
 
 
-def _exit_text(code: int | None) -> str:
+def exit_text(code: int | None) -> str:
     if code is None:
         return "still running"
     if code < 0:
@@ -90,112 +108,43 @@ class _Worker:
     ) -> None:
         self.owner = owner
         self.process = process
-        self.sock = sock
-        self.loop = loop
         self.started = time.monotonic()
         # request id -> who waits for the answer, and its watchdog timer
         self.pending: dict[int, tuple[Waiter, asyncio.TimerHandle]] = {}
         self.dead = False
-        self._fd = sock.fileno()
-        self._rbuf = bytearray()
-        self._wbuf = bytearray()
-        self._skip = 0  # bytes still to drop of an answer over the frame limit
-        sock.setblocking(False)
-        loop.add_reader(self._fd, self._readable)
+        self.stream = FramedStream(
+            sock,
+            loop,
+            on_frame=lambda request_id, status, body: owner._deliver(
+                self, request_id, status, body
+            ),
+            on_too_large=lambda request_id, error: owner._refuse(self, request_id, error),
+            on_closed=lambda: owner._dead(self),
+            incoming="an answer",
+        )
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.stream.loop
 
     def rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve this worker from another event loop (tests run one loop per call)."""
-        old = self.loop
-        if not old.is_closed():
-            old.remove_reader(self._fd)
-            old.remove_writer(self._fd)
         for waiter, timer in self.pending.values():  # their loop is gone or no longer ours
             timer.cancel()
             with contextlib.suppress(RuntimeError):
                 waiter.cancel()
         self.pending.clear()
-        self.loop = loop
-        loop.add_reader(self._fd, self._readable)
-        if self._wbuf:
-            loop.add_writer(self._fd, self._writable)
+        self.stream.rebind(loop)
 
     def send(self, data: bytes) -> None:
-        if self._wbuf:
-            self._wbuf += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.loop.call_soon(self.owner._dead, self)
-            return
-        if sent < len(data):
-            self._wbuf += memoryview(data)[sent:]
-            self.loop.add_writer(self._fd, self._writable)
-
-    def _writable(self) -> None:
-        try:
-            sent = self.sock.send(self._wbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.owner._dead(self)
-            return
-        del self._wbuf[:sent]
-        if not self._wbuf:
-            self.loop.remove_writer(self._fd)
-
-    def _readable(self) -> None:
-        try:
-            data = self.sock.recv(_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.owner._dead(self)
-            return
-        if self._skip:
-            dropped = min(self._skip, len(data))
-            self._skip -= dropped
-            data = data[dropped:]
-        buf = self._rbuf
-        buf += data
-        pos, size_all = 0, len(buf)
-        unpack = wire.HEADER.unpack_from
-        limit = wire.MAX_BODY_BYTES
-        while size_all - pos >= wire.HEADER_BYTES:
-            size, request_id, status = unpack(buf, pos)
-            start = pos + wire.HEADER_BYTES
-            if size > limit:
-                # Never buffer it: fail its request, drop its body as it arrives.
-                self.owner._refuse(self, request_id, wire.too_large(size, "an answer"))
-                self._skip = max(0, start + size - size_all)
-                pos = min(start + size, size_all)
-                continue
-            end = start + size
-            if end > size_all:
-                break
-            self.owner._deliver(self, request_id, status, wire.load(buf[start:end]))
-            pos = end
-        if pos:
-            del buf[:pos]
+        self.stream.send(data)
 
     def detach(self) -> None:
         self.dead = True
-        if not self.loop.is_closed():
-            self.loop.remove_reader(self._fd)
-            self.loop.remove_writer(self._fd)
-        self.sock.close()
+        self.stream.close()
 
     def fail_pending(self, error: HsmError) -> None:
-        pending, self.pending = self.pending, {}
-        for waiter, timer in pending.values():
-            timer.cancel()
-            if not waiter.done():
-                with contextlib.suppress(RuntimeError):
-                    waiter.set_exception(HsmError(error.reason, error.message))
+        fail_all(self.pending, error)
 
     def reap(self, timeout: float) -> int | None:
         try:
@@ -203,6 +152,17 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+def fail_all(pending: dict[int, tuple[Waiter, asyncio.TimerHandle]], error: HsmError) -> None:
+    """Fail every waiter in ``pending`` (emptied) with its own copy of ``error``."""
+    waiting = list(pending.values())
+    pending.clear()
+    for waiter, timer in waiting:
+        timer.cancel()
+        if not waiter.done():
+            with contextlib.suppress(RuntimeError):
+                waiter.set_exception(HsmError(error.reason, error.message))
 
 
 class HsmConnection:
@@ -228,6 +188,10 @@ class HsmConnection:
         self._next_spawn = 0.0
         self._closed = False
         self._restarts: set[asyncio.Task[Health]] = set()
+
+    @property
+    def token_label(self) -> str:
+        return self.config.label
 
     @property
     def worker_pid(self) -> int | None:
@@ -372,7 +336,7 @@ class HsmConnection:
         if self._worker is worker:
             self._worker = None
         code = worker.reap(2.0)
-        why = f"the PKCS#11 worker process {worker.process.pid} died ({_exit_text(code)})"
+        why = f"the PKCS#11 worker process {worker.process.pid} died ({exit_text(code)})"
         if time.monotonic() - worker.started >= _STABLE_AFTER:
             self._failures = 0
         if not self._closed:

@@ -42,7 +42,7 @@ from kustody.domain.keyversion import (
     settable,
     validate_key_ring,
 )
-from kustody.sidecar.connection import HsmConnection, info_from_wire
+from kustody.sidecar.connection import TokenLink, info_from_wire
 
 DEFAULT_DEK_BYTES = 32
 MAX_BATCH_ITEMS = 1000
@@ -207,7 +207,7 @@ class _Coalescer:
     """
 
     def __init__(
-        self, connection: HsmConnection, op: Op, max_in_flight: int = DECRYPTS_IN_FLIGHT
+        self, connection: TokenLink, op: Op, max_in_flight: int = DECRYPTS_IN_FLIGHT
     ) -> None:
         self._connection = connection
         self._op = op
@@ -263,7 +263,7 @@ def _settle(futures: Iterable[asyncio.Future[Any] | None]) -> None:
 
 
 class KeyService:
-    def __init__(self, connection: HsmConnection) -> None:
+    def __init__(self, connection: TokenLink) -> None:
         self.connection = connection
         self._decrypts = _Coalescer(connection, Op.DECRYPT, DECRYPTS_IN_FLIGHT)
         self._seals = _Coalescer(connection, Op.SEAL, SEALS_IN_FLIGHT)

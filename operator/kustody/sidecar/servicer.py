@@ -445,7 +445,7 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
                 status=status,
                 reason=str(health.reason or ""),
                 message=health.message,
-                token_label=self._service.connection.config.label,
+                token_label=self._service.connection.token_label,
             )
 
         return await self._call("Health", context, work)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable
@@ -20,6 +21,12 @@ from kustody.kube.api import Kube, load_api_client
 from kustody.sidecar import commands as hsm_commands
 from kustody.sidecar.server import Sidecar, settle_heap
 from kustody.sidecar.unwrap import audit
+from kustody.sidecar.unwrap.frontends import (
+    FrontEnds,
+    settings_document,
+    shared_limits,
+    usable_cores,
+)
 from kustody.sidecar.unwrap.server import WorkloadConfig, WorkloadServer
 from kustody.sidecar.unwrap.tokens import ReviewLimits
 
@@ -113,6 +120,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=4_096,
         help="refusing TokenReviews kept, apart from the successes (default: %(default)s)",
     )
+    group.add_argument(
+        "--workload-front-ends",
+        type=int,
+        metavar="N",
+        help="processes serving the workload port (SO_REUSEPORT), this one included; the "
+        "others decrypt through it (default: the cores this process may use)",
+    )
     original: Callable[[argparse.Namespace], int] = parser.get_default("func")
     parser.set_defaults(func=lambda args: run(args) if args.workload_listen else original(args))
 
@@ -134,6 +148,8 @@ def config_from(args: argparse.Namespace) -> WorkloadConfig:
         raise UserError(f"--workload-*review* limits: {exc}") from None
     if min(args.workload_review_cache_size, args.workload_refusal_cache_size) < 1:
         raise UserError("--workload-review-cache-size and --workload-refusal-cache-size >= 1")
+    if args.workload_front_ends is not None and not 1 <= args.workload_front_ends <= 64:
+        raise UserError("--workload-front-ends must be between 1 and 64")
     return WorkloadConfig(
         listen=args.workload_listen,
         tls_cert=args.workload_tls_cert,
@@ -143,10 +159,15 @@ def config_from(args: argparse.Namespace) -> WorkloadConfig:
         burst=args.workload_burst,
         review_ttl=args.workload_review_ttl,
         datakey_ttl=args.workload_datakey_ttl,
-        review_limits=limits,
+        review_limits=shared_limits(limits, front_ends_of(args)),
         review_cache_size=args.workload_review_cache_size,
         refusal_cache_size=args.workload_refusal_cache_size,
     )
+
+
+def front_ends_of(args: argparse.Namespace) -> int:
+    count: int | None = args.workload_front_ends
+    return count if count is not None else usable_cores()
 
 
 def _kube(kubeconfig: str | None) -> Kube:
@@ -172,17 +193,32 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         sidecar = Sidecar(sidecar_config)
         workload: WorkloadServer | None = None
+        front_ends: FrontEnds | None = None
+        count = front_ends_of(args)
         try:
             await sidecar.start()
+            registry = sidecar.metrics.registry
+            if count > 1:
+                front_ends = FrontEnds(count, sidecar.connection)
+                registry.register(front_ends.metrics)
+                registry = front_ends.metrics.own
             workload = WorkloadServer(
-                workload_config, sidecar.service, sidecar.metrics.registry, kube
+                workload_config, sidecar.service, registry, kube, reuse_port=count > 1
             )
             await workload.start()
+            if front_ends is not None:
+                host = workload_config.listen.rsplit(":", 1)[0]
+                bound = dataclasses.replace(workload_config, listen=f"{host}:{workload.port}")
+                await front_ends.start(
+                    settings_document(bound, kubeconfig=args.kubeconfig, log_level=args.log_level)
+                )
             settle_heap()
             await stop.wait()
         except OSError as exc:
             raise UserError(f"the HSM sidecar could not start: {exc}") from None
         finally:
+            if front_ends is not None:
+                await front_ends.stop()
             if workload is not None:
                 await workload.stop()
             await sidecar.stop()

@@ -12,6 +12,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kustody.sidecar.unwrap.audit import outcome_of
 
+REQUESTS_SAMPLE = "kustody_unwrap_requests_total"
+# A registry's samples, by family: ((family, ((sample, ((label, value), ...), value), ...)), ...)
+Snapshot = tuple[tuple[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]], ...]
+
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -62,3 +66,16 @@ class UnwrapMetrics:
     def review(self, result: str) -> None:
         """A TokenReview was answered: ``ok``, ``refused`` or ``error``."""
         self.reviews.labels(result).inc()
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    """Every sample of ``registry``, in plain tuples (they cross to the first front end)."""
+    return tuple(
+        (
+            family.name,
+            tuple(
+                (s.name, tuple(sorted(s.labels.items())), float(s.value)) for s in family.samples
+            ),
+        )
+        for family in registry.collect()
+    )

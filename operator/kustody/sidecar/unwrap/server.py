@@ -1,4 +1,5 @@
-"""The workload service: a TLS gRPC server in the sidecar process, next to its key service."""
+"""The workload service: a TLS gRPC server in the sidecar's front end, next to its key service
+(and, with ``--workload-front-ends``, in each extra front end)."""
 
 from __future__ import annotations
 
@@ -103,8 +104,13 @@ class WorkloadServer:
         keys: KeyService,
         registry: CollectorRegistry,
         kube: Kube,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        # SO_REUSEPORT only where several front ends share the port on purpose; otherwise a
+        # second process binding it (of the same user) fails instead of taking connections.
+        self._options = [*_OPTIONS, ("grpc.so_reuseport", 1 if reuse_port else 0)]
         access = KubeAccess(kube)
         metrics = UnwrapMetrics(registry)
         self.reviewer = TokenReviewer(
@@ -128,7 +134,7 @@ class WorkloadServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=_OPTIONS)
+        server = grpc.aio.server(options=self._options)
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         credentials = grpc.ssl_server_credentials(
             [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
