@@ -264,6 +264,20 @@ def test_remote_mode_has_no_token_and_no_sidecar(kube: Cluster) -> None:
     assert "hsm.remote.endpoint is required" in failed.stderr
 
 
+def test_unwrap_front_ends_follow_the_value_and_empty_leaves_the_flag_out(kube: Cluster) -> None:
+    base = ("--set", "unwrap.enabled=true", "--set", "unwrap.tlsSecret=unwrap-tls")
+    four = _pod_spec(_render(kube, *base, "--set", "unwrap.frontEnds=4"))["containers"][1]
+    assert "--workload-front-ends=4" in four["args"]
+    cores = _pod_spec(_render(kube, *base, "--set", "unwrap.frontEnds="))["containers"][1]
+    assert not any(a.startswith("--workload-front-ends") for a in cores["args"])
+    for wrong in ("0", "65", "many"):
+        failed = kube.helm(
+            "template", "k", str(CHART), *base, "--set", f"unwrap.frontEnds={wrong}", check=False
+        )
+        assert failed.returncode != 0
+        assert "frontEnds" in failed.stderr, failed.stderr
+
+
 def test_kms_and_unwrap_options(kube: Cluster) -> None:
     docs = _render(
         kube,
@@ -279,6 +293,7 @@ def test_kms_and_unwrap_options(kube: Cluster) -> None:
     assert volumes["kms-socket"]["hostPath"]["path"] == "/var/run/kustody-kms"
     assert {"name": "unwrap", "containerPort": 8443, "protocol": "TCP"} in hsm["ports"]
     assert "--workload-listen=0.0.0.0:8443" in hsm["args"]
+    assert "--workload-front-ends=2" in hsm["args"]  # the chart's default (unwrap.frontEnds)
     assert volumes["unwrap-tls"]["secret"]["secretName"] == "unwrap-tls"
     unwrap = _one(docs, "Service", "kustody-unwrap")
     assert unwrap["spec"]["ports"][0]["targetPort"] == "unwrap"

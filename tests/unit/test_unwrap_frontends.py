@@ -281,3 +281,32 @@ def test_usable_cores_is_at_least_one_and_at_most_the_affinity() -> None:
     import os
 
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("given", "count"), [(None, usable_cores()), ("1", 1), ("5", 5)])
+def test_the_front_end_count_comes_from_the_flag_or_the_cores(
+    tmp_path: Path, given: str | None, count: int
+) -> None:
+    from kustody.cli import build_parser
+    from kustody.sidecar.unwrap.commands import config_from, front_ends_of
+
+    argv = ["hsm", "--module", "/m.so", "--token-label", "t", "--workload-listen", "0.0.0.0:1"]
+    argv += ["--workload-tls-cert", str(tmp_path / "c"), "--workload-tls-key", str(tmp_path / "k")]
+    args = build_parser().parse_args([*argv, *(["--workload-front-ends", given] if given else [])])
+    assert front_ends_of(args) == count
+    assert config_from(args).review_limits == shared_limits(ReviewLimits(), count)
+
+
+@pytest.mark.parametrize("given", ["0", "65", "-1"])
+def test_a_front_end_count_outside_1_to_64_is_refused_naming_the_flag(
+    tmp_path: Path, given: str
+) -> None:
+    from kustody.cli import build_parser
+    from kustody.errors import UserError
+    from kustody.sidecar.unwrap.commands import config_from
+
+    argv = ["hsm", "--module", "/m.so", "--token-label", "t", "--workload-listen", "0.0.0.0:1"]
+    argv += ["--workload-tls-cert", str(tmp_path / "c"), "--workload-tls-key", str(tmp_path / "k")]
+    args = build_parser().parse_args([*argv, "--workload-front-ends", given])
+    with pytest.raises(UserError, match="--workload-front-ends"):
+        config_from(args)

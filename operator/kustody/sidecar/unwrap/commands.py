@@ -125,7 +125,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         metavar="N",
         help="processes serving the workload port (SO_REUSEPORT), this one included; the "
-        "others decrypt through it (default: the cores this process may use)",
+        "others decrypt through it (1-64; default: the cores this process may use, its CPU "
+        "affinity capped by a cgroup CPU limit)",
     )
     original: Callable[[argparse.Namespace], int] = parser.get_default("func")
     parser.set_defaults(func=lambda args: run(args) if args.workload_listen else original(args))
