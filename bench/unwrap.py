@@ -64,13 +64,17 @@ from kustody.dev.controlplane import ControlPlane
 from kustody.dev.softhsm import create_token
 from kustody.dev.stack import Sidecar
 from kustody.domain.aad import Binding
+from kustody.sidecar.unwrap.frontends import usable_cores
 
 CONCURRENCY = 16
 # The Go callers at each of these, REPEATS times (interleaved): ops/s and p99 against concurrency.
 _SWEEP = os.environ.get("KUSTODY_BENCH_UNWRAP_SWEEP", "1,4,16,64")
 SWEEP = tuple(sorted({CONCURRENCY, *(int(c) for c in _SWEEP.split(","))}))
 REPEATS = int(os.environ.get("KUSTODY_BENCH_REPEATS", "3"))
-CONNECTIONS = int(os.environ.get("KUSTODY_BENCH_UNWRAP_CONNS", "4"))  # the callers share these
+# The callers share these; enough that SO_REUSEPORT spreads them evenly over several front ends.
+CONNECTIONS = int(os.environ.get("KUSTODY_BENCH_UNWRAP_CONNS", "16"))
+# The sidecar's default (--workload-front-ends: the usable cores) against one front end.
+FRONT_ENDS = int(os.environ.get("KUSTODY_BENCH_UNWRAP_FRONT_ENDS", "0")) or usable_cores()
 DURATION = float(os.environ.get("KUSTODY_BENCH_SECONDS", "3"))
 REPO = Path(__file__).resolve().parents[1]
 NS, SA, DK, RING = "bench", "app", "orders", "bench-unwrap"
@@ -221,7 +225,11 @@ async def _python_bench(
     endpoint: str, ca: bytes, request: pb.UnwrapRequest, token: str, pids: list[int]
 ) -> dict[str, Any]:
     channels = [
-        grpc.aio.secure_channel(endpoint, grpc.ssl_channel_credentials(ca), options=_NO_BDP)
+        grpc.aio.secure_channel(
+            endpoint,
+            grpc.ssl_channel_credentials(ca),
+            options=[*_NO_BDP, ("grpc.use_local_subchannel_pool", 1)],  # a connection each
+        )
         for _ in range(CONNECTIONS)
     ]
     stubs = [
@@ -256,10 +264,25 @@ async def _python_bench(
     }
 
 
+def _roles(first: int) -> list[int]:
+    """The sidecar's processes: the first front end, the extra ones, then the PKCS#11 worker."""
+    children = _children(first)
+    worker = [c for c in children if b"kustody.pkcs11.worker" in _cmdline(c)]
+    return [first, *(c for c in children if c not in worker), *worker]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _sidecar_cpu(seconds: list[float], wall: float) -> dict[str, Any]:
+    """``seconds`` in the order of :func:`_roles`: front ends, then the worker."""
     return {
-        "sidecar_front_end_cpu_cores": round(seconds[0] / wall, 2),
-        "sidecar_worker_cpu_cores": round(sum(seconds[1:]) / wall, 2),
+        "sidecar_front_end_cpu_cores": round(sum(seconds[:-1]) / wall, 2),
+        "sidecar_worker_cpu_cores": round(seconds[-1] / wall, 2),
     }
 
 
@@ -346,7 +369,7 @@ def _flood_case(
     front_end = sidecar.proc.pid()
     assert front_end is not None
     assert sidecar.metrics_port is not None
-    pids = [front_end, *_children(front_end)]
+    pids = _roles(front_end)
     before = _reviews(sidecar.metrics_port)
     case = _go_bench(
         loadgen, sidecar.workload_listen or "", ca, request, token, plaintext, pids, directory,
@@ -396,47 +419,111 @@ def _headline(summary: dict[str, Any], client: str) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One sidecar under test: its workload endpoint and its processes (:func:`_roles`)."""
+
+    label: str
+    endpoint: str
+    pids: list[int]
+
+
 def _sweep(
-    loadgen: Path | None, endpoint: str, ca: Path, request: pb.UnwrapRequest, token: str,
-    plaintext: bytes, pids: list[int], directory: Path,
+    loadgen: Path | None, configs: list[Config], ca: Path, request: pb.UnwrapRequest,
+    token: str, plaintext: bytes, directory: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    """REPEATS repetitions of: the Go callers at each SWEEP concurrency (the order rotating
-    between repetitions), then the Python client at CONCURRENCY. The headline ``unwrap_*``
-    figures are the Go client's at CONCURRENCY (the Python client's without Go)."""
-    go: dict[int, list[dict[str, Any]]] = {}
+    """REPEATS repetitions of: for each configuration (the order alternating), the Go callers
+    at each SWEEP concurrency (the order rotating between repetitions); then the Python client
+    at CONCURRENCY against the first configuration (the sidecar's default). The headline
+    ``unwrap_*`` figures are the Go client's at CONCURRENCY against the first configuration
+    (the Python client's without Go); ``unwrap_front_ends_ratio_c{N}`` compare it with the
+    second at each concurrency (medians over the repetitions, and each repetition's ratio)."""
+    go: dict[str, dict[int, list[dict[str, Any]]]] = {c.label: {} for c in configs}
     python: list[dict[str, Any]] = []
     for rep in range(REPEATS):
         if loadgen is not None:
             shift = rep % len(SWEEP)
-            for c in SWEEP[shift:] + SWEEP[:shift]:
-                go.setdefault(c, []).append(
-                    _go_bench(loadgen, endpoint, ca, request, token, plaintext, pids,
-                              directory / f"c{c}-{rep}", concurrency=c)
-                )  # fmt: skip
+            order = configs if rep % 2 == 0 else configs[::-1]
+            for config in order:
+                for c in SWEEP[shift:] + SWEEP[:shift]:
+                    where = directory / f"{config.label}-c{c}-{rep}".replace(" ", "-")
+                    go[config.label].setdefault(c, []).append(
+                        _go_bench(loadgen, config.endpoint, ca, request, token, plaintext,
+                                  config.pids, where, concurrency=c)
+                    )  # fmt: skip
         if CLIENT in ("python", "both") or loadgen is None:
+            first = configs[0]
             python.append(
-                asyncio.run(_python_bench(endpoint, ca.read_bytes(), request, token, pids))
+                asyncio.run(
+                    _python_bench(first.endpoint, ca.read_bytes(), request, token, first.pids)
+                )
             )
     result: dict[str, Any] = {}
-    loads = [r["load_1m_before"] for runs in (*go.values(), python) for r in runs]
-    if go:
-        series = {f"c{c}": _summary(runs) for c, runs in sorted(go.items())}
+    loads = [r["load_1m_before"] for by_c in go.values() for runs in (*by_c.values(), python)
+             for r in runs]  # fmt: skip
+    if loadgen is not None:
+        series = {
+            label: {f"c{c}": _summary(runs) for c, runs in sorted(by_c.items())}
+            for label, by_c in go.items()
+        }
         result["unwrap_sweep"] = {
             "client": "go",
             "repeats": REPEATS,
             "seconds": DURATION,
             "connections": CONNECTIONS,
-            "configs": {"1 front end": series},
+            "configs": series,
             "load_avg": {"load_1m_before_runs": _spread(loads)},
         }
-        result.update(_headline(series[f"c{CONCURRENCY}"], "go"))
+        result.update(_headline(series[configs[0].label][f"c{CONCURRENCY}"], "go"))
+        result["unwrap_front_ends"] = configs[0].label
+        if len(configs) > 1:
+            result.update(_ratios(go[configs[0].label], go[configs[1].label]))
     if python:
         summary = _summary(python)
-        if go:
+        if loadgen is not None:
             result["unwrap_python_client"] = summary
         else:
             result.update(_headline(summary, "python"))
     return result
+
+
+def _ratios(
+    many: dict[int, list[dict[str, Any]]], one: dict[int, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """ops/s of several front ends over one, per concurrency: the ratio of the medians, and
+    each repetition's own ratio (the two ran back to back)."""
+    out: dict[str, Any] = {}
+    for c in sorted(many):
+        ratio = statistics.median(r["ops_s"] for r in many[c]) / statistics.median(
+            r["ops_s"] for r in one[c]
+        )
+        out[f"unwrap_front_ends_ratio_c{c}"] = round(ratio, 2)
+        out[f"unwrap_front_ends_ratio_c{c}_runs"] = [
+            round(m["ops_s"] / o["ops_s"], 2) for m, o in zip(many[c], one[c], strict=True)
+        ]
+    return out
+
+
+def _config(sidecar: Sidecar, front_ends: int) -> Config:
+    first = sidecar.proc.pid()
+    if first is None:
+        raise SystemExit("the sidecar is not running")
+    label = "1 front end" if front_ends == 1 else f"{front_ends} front ends"
+    return Config(label, sidecar.workload_listen or "", _roles(first))
+
+
+def _wait_front_ends(sidecar: Sidecar, count: int, timeout: float = 60.0) -> None:
+    """Until the sidecar's /metrics says all its front ends serve."""
+    if count <= 1:
+        return
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{sidecar.metrics_port}/metrics"
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            if f"kustody_unwrap_front_ends {float(count)}" in response.read().decode():
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"the sidecar's {count} front ends did not all start")
 
 
 async def plaintext_of(sidecar: Sidecar, wrapped: str, binding: Binding) -> bytes:
@@ -488,6 +575,7 @@ def run() -> dict[str, Any]:
         plane = ControlPlane(base / "cp", binaries=binaries.build(), log=lambda _: None)
         cluster = plane.start()
         sidecar: Sidecar | None = None
+        single: Sidecar | None = None
         try:
             cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
             cluster.kubectl(
@@ -514,25 +602,35 @@ def run() -> dict[str, Any]:
             cluster.kubectl("apply", "-f", "-", input=json.dumps(datakey))
             ca, cert, key = _tls(base)
             token = create_token(base / "token", "bench")
-            sidecar = Sidecar(
-                base / "hsm",
-                token,
-                workload_listen=f"127.0.0.1:{_free_port()}",
-                workload_tls_cert=cert,
-                workload_tls_key=key,
-                kubeconfig=cluster.kubeconfig,
-                metrics_port=_free_port(),
-                extra_args=("--log-level", "WARNING", "--workload-rate", "1000000",
-                            "--workload-burst", "1000000"),
-            ).start()  # fmt: skip
+
+            def start(name: str, front_ends: int, *extra: str) -> Sidecar:
+                return Sidecar(
+                    base / name,
+                    token,
+                    name=name,
+                    workload_listen=f"127.0.0.1:{_free_port()}",
+                    workload_tls_cert=cert,
+                    workload_tls_key=key,
+                    kubeconfig=cluster.kubeconfig,
+                    metrics_port=_free_port(),
+                    extra_args=("--log-level", "WARNING", "--workload-rate", "1000000",
+                                "--workload-burst", "1000000",
+                                "--workload-front-ends", str(front_ends), *extra),
+                ).start()  # fmt: skip
+
+            sidecar = main = start("hsm", FRONT_ENDS)
             binding = Binding(NS, DK, {"app": "bench"})
 
             async def wrap() -> list[str]:
-                async with HsmClient.unix(sidecar.socket) as hsm:
+                async with HsmClient.unix(main.socket) as hsm:
                     await hsm.create_key_version(RING, 1)
                     return [(await hsm.generate_data_key(RING, binding)).wrapped for _ in range(3)]
 
             *older, wrapped = asyncio.run(wrap())
+            # The same token, one front end: started after the KEK exists, so its worker
+            # finds it (both only read the token from here on).
+            if FRONT_ENDS > 1:
+                single = start("hsm-one", 1)
             spec = k8s.V1TokenRequestSpec(audiences=["kustody"], expiration_seconds=3600)
             sa_token: str = (
                 k8s.CoreV1Api(cluster.api_client())
@@ -548,17 +646,20 @@ def run() -> dict[str, Any]:
                 data_key=DK,
                 encryption_context=dict(binding.context),
             )
-            endpoint = sidecar.workload_listen or ""
-            front_end = sidecar.proc.pid()
-            if front_end is None:
-                raise SystemExit("the sidecar is not running")
-            pids = [front_end, *_children(front_end)]  # the front end, then its PKCS#11 worker
+            _wait_front_ends(main, FRONT_ENDS)
+            configs = [_config(main, FRONT_ENDS)]
+            if single is not None:
+                configs.append(_config(single, 1))
+            endpoint, pids = configs[0].endpoint, configs[0].pids
             loadgen = build_loadgen() if CLIENT in ("go", "both") else None
             result: dict[str, Any] = {"unwrap_concurrency": CONCURRENCY}
-            plaintext = asyncio.run(plaintext_of(sidecar, wrapped, binding))
+            plaintext = asyncio.run(plaintext_of(main, wrapped, binding))
             result.update(
-                _sweep(loadgen, endpoint, ca, request, sa_token, plaintext, pids, base / "sweep")
+                _sweep(loadgen, configs, ca, request, sa_token, plaintext, base / "sweep")
             )
+            if single is not None:
+                single.stop()
+                single = None
             if loadgen is not None and KEYSET_REPEATS > 0:
                 result.update(
                     _keyset_case(loadgen, endpoint, ca, request, older, sa_token, sidecar, binding,
@@ -573,6 +674,7 @@ def run() -> dict[str, Any]:
                 sidecar = dataclasses.replace(
                     sidecar, extra_args=(*sidecar.extra_args, *_MANY_ADDRESSES)
                 ).start()
+                _wait_front_ends(sidecar, FRONT_ENDS)
                 many = _flood_case(
                     loadgen, sidecar, ca, request, sa_token, plaintext, base / "flood-many"
                 )
@@ -590,8 +692,9 @@ def run() -> dict[str, Any]:
                 )
             return result
         finally:
-            if sidecar is not None:
-                sidecar.stop()
+            for running in (sidecar, single):
+                if running is not None:
+                    running.stop()
             plane.stop()
 
 
