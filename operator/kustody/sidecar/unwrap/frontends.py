@@ -122,6 +122,7 @@ class FrontEnds:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = FrontEndMetrics(self)
 
     def running(self) -> int:
@@ -220,8 +221,16 @@ class FrontEnds:
         if slot.port is not None:
             slot.port.close()
             slot.port = None
-        code = self._reap(slot, 2.0)
         self.metrics.retire(slot.number)
+        if self._loop is not None and not self._stopping:
+            # The process may take a moment to exit after its relay closed: wait for it off
+            # the event loop (which serves the operator and the KMS plugin meanwhile).
+            task = self._loop.create_task(self._restart_after_exit(slot))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _restart_after_exit(self, slot: _Slot) -> None:
+        code = await asyncio.to_thread(self._reap, slot, 2.0)
         if self._stopping:
             return
         if time.monotonic() - slot.started >= _STABLE_AFTER:
