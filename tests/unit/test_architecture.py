@@ -63,3 +63,15 @@ def test_the_where_is_table_names_files_that_exist() -> None:
     assert len(paths) >= 8, paths
     missing = [p for p in paths if not (PACKAGE / p).is_file()]
     assert not missing, missing
+
+
+def test_test_module_basenames_are_unique() -> None:
+    """The test directories have no __init__.py (rootdir-relative imports), so pytest imports
+    each test module by its basename: two with one name fail collection of the whole run."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        if (path.parent / "__init__.py").exists():
+            continue
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a basename"
+        seen[path.name] = path
