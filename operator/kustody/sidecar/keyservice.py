@@ -263,9 +263,14 @@ def _settle(futures: Iterable[asyncio.Future[Any] | None]) -> None:
 
 
 class KeyService:
-    def __init__(self, connection: TokenLink) -> None:
+    def __init__(
+        self, connection: TokenLink, *, decrypts_in_flight: int = DECRYPTS_IN_FLIGHT
+    ) -> None:
+        """``decrypts_in_flight``: decrypt requests on their way to the worker at once; more
+        than one where the way is long (an extra front end's relay), so that callers do not
+        wait a whole round trip for the batch ahead of them."""
         self.connection = connection
-        self._decrypts = _Coalescer(connection, Op.DECRYPT, DECRYPTS_IN_FLIGHT)
+        self._decrypts = _Coalescer(connection, Op.DECRYPT, decrypts_in_flight)
         self._seals = _Coalescer(connection, Op.SEAL, SEALS_IN_FLIGHT)
         self._infos: dict[Any, VersionInfo] = {}  # wire form -> VersionInfo (seal_kms answers)
 
