@@ -348,12 +348,15 @@ NOTES = [
     "kms_ratio_c1/c16 = Kustody's median ops/s over the Go plugin's, the lower of Encrypt and "
     "Decrypt (target >= 0.8).",
     "unwrap_* come from the Go load generator bench/unwrapload (built into the cache on first "
-    "use): 16 callers over 4 TLS connections, pre-serialised request, every plaintext checked; "
-    "the medians of unwrap_sweep's c16 runs (the sweep: 1, 4, 16 and 64 callers, the order "
-    "rotating per repetition, the Python client at 16 after each). "
-    "unwrap_cpu_cores is what the client and the sidecar's two processes used of the 2 cores "
-    "during the run; unwrap_python_client is the same load from a grpc.aio Python client, for "
-    "comparison with earlier runs (which used only that client).",
+    "use): 16 callers over 16 TLS connections, pre-serialised request, every plaintext "
+    "checked; the medians of unwrap_sweep's c16 runs against the sidecar's default front-end "
+    "count (unwrap_front_ends; the sweep: 1, 4, 16 and 64 callers, the order rotating per "
+    "repetition, the Python client at 16 after each). The sweep also runs against a sidecar "
+    "with --workload-front-ends 1 on the same token, interleaved; unwrap_front_ends_ratio_c{N} "
+    "= the default's median ops/s over that one's (target at c64: >= 1.7), with each "
+    "repetition's own ratio in *_runs. unwrap_cpu_cores is what the client, the sidecar's front "
+    "ends (together) and its PKCS#11 worker used of the 2 cores during the run; "
+    "unwrap_python_client is the same load from a grpc.aio Python client.",
     "unwrap_p99_under_flood_ms is the same Go callers' p99 while 5,000 distinct forged tokens "
     "(valid-looking JWTs, random signatures) arrive at 1,000/s from the load generator's own "
     "connection to 127.0.0.1, with the default review limits; "
