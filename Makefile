@@ -53,30 +53,35 @@ check: lint typecheck contracts ## static checks only
 # the full suite runs on SoftHSM2 with caller IVs.
 SECOND_TOKEN_TESTS := tests/hsm tests/cluster/test_crash_safety.py
 SECOND_TOKEN_ENV := KUSTODY_TEST_TOKEN=kryoptic KUSTODY_HSM_GCM_IV=token
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each with its own control plane,
+# tokens, sidecar and operator; whole modules stay in one process, in file order, and the
+# longest groups start first (tests/conftest.py). TEST_WORKERS=1 runs it in one.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadscope
 
 test: install binaries ## everything: static checks, unit, hsm, cluster, kind; the HSM layer again on Kryoptic
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory check && \
-	$(BIN)/pytest tests; rc=$$?; \
+	$(BIN)/pytest $(PARALLEL) tests; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start ))s for the suite on SoftHSM2 (after install)"; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	if [ "$${KUSTODY_SKIP_KRYOPTIC:-}" = 1 ]; then echo "KUSTODY_SKIP_KRYOPTIC=1: HSM layer not run on Kryoptic"; exit $$rc; fi; \
 	second=$$(date +%s); \
-	$(SECOND_TOKEN_ENV) $(BIN)/pytest $(SECOND_TOKEN_TESTS); rc2=$$?; \
+	$(SECOND_TOKEN_ENV) $(BIN)/pytest $(PARALLEL) $(SECOND_TOKEN_TESTS); rc2=$$?; \
 	echo "make test: $$(( $$(date +%s) - second ))s for the HSM layer on Kryoptic (token IVs), $$(( $$(date +%s) - start ))s in all"; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$rc2
 
 test-unit: install ## unit tests only (no HSM, no cluster)
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest $(PARALLEL) tests/unit
 
 test-hsm: install ## tests against a real SoftHSM2 token
-	$(BIN)/pytest tests/hsm
+	$(BIN)/pytest $(PARALLEL) tests/hsm
 
 test-hsm-kryoptic: install binaries ## the HSM layer, KMS v2 and crash-safety tests on Kryoptic (token IVs)
-	$(SECOND_TOKEN_ENV) $(BIN)/pytest $(SECOND_TOKEN_TESTS)
+	$(SECOND_TOKEN_ENV) $(BIN)/pytest $(PARALLEL) $(SECOND_TOKEN_TESTS)
 
 test-cluster: install binaries ## tests against the real local control plane
-	$(BIN)/pytest tests/cluster
+	$(BIN)/pytest $(PARALLEL) tests/cluster
 
 dev-up: install binaries ## start the local control plane in the background
 	$(BIN)/kustody dev up
