@@ -9,7 +9,9 @@ min-max. Records the API requests the operator made per DataKey (its own counter
 seconds of the operator, sidecar, kube-apiserver and etcd per phase, the operator's peak RSS
 (VmHWM), and then a fresh operator's cache-sync time and CPU seconds per resync over
 everything created. Targets (issue #17) on 2 cores at N = 10,000: <= 60 s for each phase,
-RSS <= 300 MiB.
+RSS <= 300 MiB. ``KUSTODY_BENCH_PYSPY=DIR`` records a py-spy profile of the operator during
+each phase (``operator-N-create.txt``, ``operator-N-rotate.txt``; ``KUSTODY_BENCH_PYSPY_GIL=1``
+for only the thread holding the GIL).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from kustody.kube.api import Kube, load_api_client
 from kustody.kube.informer import read_watch_lines
 from kustody.kube.resources import DATAKEYS, KEYRINGS, SECRETS
 from plot import plot_operator  # bench/plot.py
+from unwrap import profiled  # bench/unwrap.py: py-spy while a block runs (KUSTODY_BENCH_PYSPY=DIR)
 
 REPO = Path(__file__).resolve().parents[1]
 # `make bench-operator N=10000`: sizes 1,000 and N; else BENCH_SIZES (default 100,1000).
@@ -266,18 +269,20 @@ def run_size(cluster: Cluster, procs: dict[str, int], metrics_port: int, n: int)
     async def phases() -> dict[str, Any]:
         calls0, cpu0 = _api_calls(metrics_port), _cpu_seconds(procs)
         t0 = time.monotonic()
-        await _create(kube, namespace, ring, n)
-        submitted = time.monotonic() - t0
-        create_s = submitted + await _wait(kube, tracker, namespace, n, 1, 1800)
+        with profiled(procs["operator"], f"operator-{n}-create"):
+            await _create(kube, namespace, ring, n)
+            submitted = time.monotonic() - t0
+            create_s = submitted + await _wait(kube, tracker, namespace, n, 1, 1800)
         calls1, cpu1 = _api_calls(metrics_port), _cpu_seconds(procs)
         t1 = time.monotonic()
-        rotate = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kustody", "rotate", ring,
-            "--kubeconfig", str(cluster.kubeconfig),
-        )  # fmt: skip
-        if await rotate.wait() != 0:
-            raise SystemExit(f"kustody rotate {ring} failed")
-        rotate_s = (time.monotonic() - t1) + await _wait(kube, tracker, namespace, n, 2, 1800)
+        with profiled(procs["operator"], f"operator-{n}-rotate"):
+            rotate = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "kustody", "rotate", ring,
+                "--kubeconfig", str(cluster.kubeconfig),
+            )  # fmt: skip
+            if await rotate.wait() != 0:
+                raise SystemExit(f"kustody rotate {ring} failed")
+            rotate_s = (time.monotonic() - t1) + await _wait(kube, tracker, namespace, n, 2, 1800)
         calls2, cpu2 = _api_calls(metrics_port), _cpu_seconds(procs)
         return {
             "n": n,

@@ -135,7 +135,7 @@ def build_loadgen() -> Path | None:
 
 
 @contextlib.contextmanager
-def _profiled(pid: int, name: str) -> Iterator[None]:
+def profiled(pid: int, name: str) -> Iterator[None]:
     """py-spy (collapsed stacks) on ``pid`` while the block runs, when KUSTODY_BENCH_PYSPY."""
     if not PYSPY_DIR:
         yield
@@ -245,7 +245,7 @@ async def _python_bench(
         await stub(request, metadata=metadata, timeout=10)
     load_1m = round(os.getloadavg()[0], 2)
     cpu0, server0, wall0 = time.process_time(), [_cpu_seconds(p) for p in pids], time.time()
-    with _profiled(pids[0], "unwrap-frontend-python-client"):
+    with profiled(pids[0], "unwrap-frontend-python-client"):
         rate, latencies, failures = await _load(stubs, request, metadata)
     wall = time.time() - wall0
     client_cpu = time.process_time() - cpu0
@@ -306,7 +306,7 @@ def _go_bench(
         *(a for name in files for a in (f"-{name}", str(directory / name))),
     ]  # fmt: skip
     load_1m = round(os.getloadavg()[0], 2)
-    with _profiled(pids[0], "unwrap-frontend-go-client" + ("-flood" if flood else "")):
+    with profiled(pids[0], "unwrap-frontend-go-client" + ("-flood" if flood else "")):
         done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
     if done.returncode != 0:
         raise SystemExit(f"the unwrap load generator failed: {done.stderr.strip()}")
