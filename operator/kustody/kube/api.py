@@ -22,6 +22,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kustody.kube import decode
 from kustody.kube.errors import Conflict, KubeError, NotFound, Unavailable
 from kustody.kube.protocol import MERGE_PATCH
 from kustody.kube.resources import Resource
@@ -210,7 +211,7 @@ class Kube:
             status = int(response.status)
             if status >= 400:
                 raise _refusal(status, data, response.headers)
-            return json.loads(data) if data else {}
+            return decode.loads(data) if data else {}
         except ApiException as exc:
             status = int(exc.status or 0)
             raise _refusal(status, exc.body, exc.headers) from None

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from kustody.kube import decode
 from kustody.kube.api import Kube
 from kustody.kube.errors import KubeError
 from kustody.kube.resources import Resource
@@ -49,9 +49,9 @@ def read_watch_lines(response: Any, stopped: threading.Event) -> Iterator[dict[s
         *lines, pending = pending.split(b"\n")
         for line in lines:
             if line.strip():
-                yield json.loads(line)
+                yield decode.loads(line)
     if pending.strip():
-        yield json.loads(pending)
+        yield decode.loads(pending)
 
 
 class Informer:
