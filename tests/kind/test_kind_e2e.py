@@ -392,6 +392,25 @@ def _orders_pod(kind: Kind) -> dict[str, Any]:
     return dict(live[0])
 
 
+def _app_log(kind: Kind, pod: str, line: str) -> str:
+    """The app container's log once it holds ``line`` (or, after the timeout, as it is)."""
+    try:
+        return str(
+            eventually(
+                lambda: (
+                    (log := kind.kubectl("-n", "shop", "logs", pod, "-c", "app"))
+                    and line in log
+                    and log
+                ),
+                120,
+                f"{line!r} in the app's log",
+                every=1,
+            )
+        )
+    except AssertionError:
+        return kind.kubectl("-n", "shop", "logs", pod, "-c", "app", check=False)
+
+
 def test_workload_init_container_unwraps_through_the_service_name(kind: Kind) -> None:
     kind.kubectl("create", "namespace", "shop")
     kind.kubectl(
@@ -405,7 +424,9 @@ def test_workload_init_container_unwraps_through_the_service_name(kind: Kind) ->
     init = pod["spec"]["initContainers"][0]
     env = {e["name"]: e.get("value") for e in init["env"]}
     assert env["KUSTODY_UNWRAP_ENDPOINT"] == f"kustody-unwrap.{NS}.svc:8443"
-    app_log = kind.kubectl("-n", "shop", "logs", name, "-c", "app")
+    # Ready is Running (no readiness probe): the app prints once Python has started and
+    # encrypted, which on a loaded machine can be after the rollout is reported done.
+    app_log = _app_log(kind, name, "encrypted order-")
     kind.show("kubectl -n shop get pods", kind.kubectl("-n", "shop", "get", "pods"))
     kind.show(
         "kubectl -n shop logs deploy/orders-api -c unwrap-key",
@@ -547,7 +568,7 @@ def test_helm_upgrade_keeps_token_and_pins(kind: Kind) -> None:
     kind.kubectl("-n", "shop", "rollout", "restart", "deploy/orders-api")
     kind.kubectl("-n", "shop", "rollout", "status", "deploy/orders-api", "--timeout=300s")
     pod = eventually(lambda: _orders_pod(kind), 120, "orders-api Ready after restart")
-    log = kind.kubectl("-n", "shop", "logs", pod["metadata"]["name"], "-c", "app")
+    log = _app_log(kind, pod["metadata"]["name"], "order 42: 3 widgets")
     assert "order 42: 3 widgets" in log, log
 
 
