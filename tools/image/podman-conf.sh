@@ -8,23 +8,19 @@ set -euo pipefail
 conf=${1:?usage: podman-conf.sh CONTAINERS_CONF}
 mkdir -p "$(dirname "$conf")"
 touch "$conf"
-if ! grep -qs '^default_ulimits *= *\[\]' "$conf"; then
-  if grep -qs '^default_ulimits *=' "$conf"; then
-    sed -i 's/^default_ulimits *=.*/default_ulimits = []/' "$conf"
-  elif grep -qs '^\[containers\]' "$conf"; then
-    sed -i 's/^\[containers\]/[containers]\ndefault_ulimits = []/' "$conf"
+# setting SECTION KEY VALUE: KEY = VALUE in [SECTION], replacing a KEY already set (each of
+# these keys is in one section only) instead of adding it twice.
+setting() {
+  local section=$1 key=$2 value=$3
+  grep -qsxF "$key = $value" "$conf" && return
+  if grep -qs "^$key *=" "$conf"; then
+    sed -i "s/^$key *=.*/$key = $value/" "$conf"
+  elif grep -qs "^\[$section\]" "$conf"; then
+    sed -i "s/^\[$section\]/[$section]\n$key = $value/" "$conf"
   else
-    printf '[containers]\ndefault_ulimits = []\n' >> "$conf"
+    printf '[%s]\n%s = %s\n' "$section" "$key" "$value" >> "$conf"
   fi
-  echo "podman: default_ulimits = [] in $conf"
-fi
-if ! grep -qs '^runtime *= *"runc"' "$conf"; then
-  if grep -qs '^runtime *=' "$conf"; then
-    sed -i 's/^runtime *=.*/runtime = "runc"/' "$conf"
-  elif grep -qs '^\[engine\]' "$conf"; then
-    sed -i 's/^\[engine\]/[engine]\nruntime = "runc"/' "$conf"
-  else
-    printf '[engine]\nruntime = "runc"\n' >> "$conf"
-  fi
-  echo "podman: runtime = \"runc\" in $conf"
-fi
+  echo "podman: $key = $value in $conf"
+}
+setting containers default_ulimits '[]'
+setting engine runtime '"runc"'

@@ -109,8 +109,7 @@ class _Worker:
         self.owner = owner
         self.process = process
         self.started = time.monotonic()
-        # request id -> who waits for the answer, and its watchdog timer
-        self.pending: dict[int, tuple[Waiter, asyncio.TimerHandle]] = {}
+        self.pending: Pending = {}
         self.dead = False
         self.stream = FramedStream(
             sock,
@@ -154,7 +153,33 @@ class _Worker:
             return self.process.wait()
 
 
-def fail_all(pending: dict[int, tuple[Waiter, asyncio.TimerHandle]], error: HsmError) -> None:
+Pending = dict[int, tuple[Waiter, asyncio.TimerHandle]]
+"""Request id -> who waits for the answer, and its watchdog timer."""
+
+
+def answer(pending: Pending, request_id: int, status: int, result: Any) -> None:
+    """Hand an answer to its waiter, if it still waits: the result, or the HsmError the
+    answer names."""
+    if status == wire.STATUS_OK:
+        entry = pending.pop(request_id, None)
+        if entry is not None:
+            entry[1].cancel()
+            if not entry[0].done():
+                entry[0].set_result(result)
+        return
+    fail(pending, request_id, HsmError(reason_of(result[0]) or Reason.INTERNAL, result[1]))
+
+
+def fail(pending: Pending, request_id: int, error: HsmError) -> None:
+    """Fail one waiter with ``error``, if it still waits."""
+    entry = pending.pop(request_id, None)
+    if entry is not None:
+        entry[1].cancel()
+        if not entry[0].done():
+            entry[0].set_exception(error)
+
+
+def fail_all(pending: Pending, error: HsmError) -> None:
     """Fail every waiter in ``pending`` (emptied) with its own copy of ``error``."""
     waiting = list(pending.values())
     pending.clear()
@@ -296,27 +321,11 @@ class HsmConnection:
             self.health = Health.from_wire(health)
         if snapshot is not None:
             self.snapshot = tuple(info_from_wire(i) for i in snapshot)
-        entry = worker.pending.pop(request_id, None)
-        if entry is None:
-            return
-        waiter, timer = entry
-        timer.cancel()
-        if waiter.done():
-            return
-        if status == wire.STATUS_OK:
-            waiter.set_result(result)
-        else:
-            waiter.set_exception(HsmError(reason_of(result[0]) or Reason.INTERNAL, result[1]))
+        answer(worker.pending, request_id, status, result)
 
     def _refuse(self, worker: _Worker, request_id: int, error: HsmError) -> None:
-        entry = worker.pending.pop(request_id, None)
         log.error("%s", error.message)
-        if entry is None:
-            return
-        waiter, timer = entry
-        timer.cancel()
-        if not waiter.done():
-            waiter.set_exception(error)
+        fail(worker.pending, request_id, error)
 
     def _overdue(self, worker: _Worker, request_id: int) -> None:
         if worker.dead or request_id not in worker.pending:

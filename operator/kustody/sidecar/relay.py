@@ -34,9 +34,9 @@ from typing import Any
 
 from kustody.api import wire
 from kustody.api.errors import HsmError, Reason
-from kustody.api.health import NOT_YET, Health, reason_of
+from kustody.api.health import NOT_YET, Health
 from kustody.domain.keyversion import VersionInfo
-from kustody.sidecar.connection import HsmConnection, Waiter, fail_all
+from kustody.sidecar.connection import HsmConnection, Pending, Waiter, answer, fail, fail_all
 from kustody.sidecar.frames import FramedStream
 
 READY = 100  # notice, extra -> first: () -- the extra front end's server is listening
@@ -189,7 +189,7 @@ class RelayLink:
         self._sock = sock
         self._timeout = op_timeout + _SLACK_SECONDS
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[Waiter, asyncio.TimerHandle]] = {}
+        self._pending: Pending = {}
         self._stream: FramedStream | None = None
         # What this front end answers when the first one asks for its metrics.
         self.on_metrics: Callable[[], Any] = tuple
@@ -249,31 +249,14 @@ class RelayLink:
         result, health, _ = message
         if health is not None:
             self.health = Health.from_wire(health)
-        entry = self._pending.pop(request_id, None)
-        if entry is None:
-            return
-        waiter, timer = entry
-        timer.cancel()
-        if waiter.done():
-            return
-        if status == wire.STATUS_OK:
-            waiter.set_result(result)
-        else:
-            waiter.set_exception(HsmError(reason_of(result[0]) or Reason.INTERNAL, result[1]))
+        answer(self._pending, request_id, status, result)
 
     def _too_large(self, request_id: int, error: HsmError) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is not None:
-            entry[1].cancel()
-            if not entry[0].done():
-                entry[0].set_exception(error)
+        fail(self._pending, request_id, error)
 
     def _overdue(self, request_id: int) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(
-                HsmError(Reason.TOKEN_UNAVAILABLE, "the sidecar's first front end did not answer")
-            )
+        error = HsmError(Reason.TOKEN_UNAVAILABLE, "the sidecar's first front end did not answer")
+        fail(self._pending, request_id, error)
 
     def _lost(self) -> None:
         if self._stream is not None:
