@@ -9,7 +9,7 @@ PROTO_STAMP := operator/kustody/api/_proto/.generated
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps binaries proto lint typecheck contracts check test test-unit \
-        test-hsm test-hsm-kryoptic test-cluster demo demo-down dev-up dev-down bench-hsm bench-operator soak clean
+        test-hsm test-hsm-kryoptic test-cluster test-go kms-plugin demo demo-down dev-up dev-down bench-hsm bench-operator soak clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -36,9 +36,16 @@ proto: $(PROTO_STAMP) ## generate gRPC code from proto/ (never committed)
 binaries: $(STAMP) ## build (once, cached) kube-apiserver, kube-controller-manager, kubectl, etcd, helm
 	$(BIN)/kustody dev build
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff (and gofmt on kms/)
 	$(BIN)/ruff check operator tests bench tools
 	$(BIN)/ruff format --check operator tests bench tools
+	@unformatted=$$(gofmt -l kms); if [ -n "$$unformatted" ]; then echo "gofmt: $$unformatted" >&2; exit 1; fi
+
+test-go: ## kustody-kms (kms/): go vet and its Go tests (envelope vectors, flags)
+	cd kms && go vet ./... && go test -count=1 ./...
+
+kms-plugin: $(STAMP) ## build kustody-kms, the Go KMS v2 plugin (cached; prints its path)
+	@$(BIN)/python -c 'from kustody.dev import kmsplugin; print(kmsplugin.build())'
 
 typecheck: $(STAMP) proto ## mypy --strict on the package
 	$(BIN)/mypy
@@ -61,7 +68,7 @@ PARALLEL := -n $(TEST_WORKERS) --dist loadscope
 
 test: install binaries ## everything: static checks, unit, hsm, cluster, kind; the HSM layer again on Kryoptic
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory check && \
+	$(MAKE) --no-print-directory check test-go && \
 	$(BIN)/pytest $(PARALLEL) tests; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start ))s for the suite on SoftHSM2 (after install)"; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \

@@ -38,6 +38,7 @@ from kustody.api._proto import kms_v2_pb2 as kms
 from kustody.api._proto import kms_v2_pb2_grpc as kms_grpc
 from kustody.api.client import HsmClient
 from kustody.dev.controlplane import Cluster, ControlPlane
+from kustody.dev.kmsplugin import KmsPlugin
 from kustody.dev.softhsm import SoftHSMToken
 
 pytestmark = pytest.mark.cluster
@@ -249,3 +250,72 @@ def test_status_reports_an_unusable_token(tmp_path: Path, plugin: Plugin) -> Non
     finally:
         shutil.move(parked, token_dir)
     assert wait_for_healthz(plugin.kms_socket, healthy=True) == "ok"
+
+
+def test_the_go_plugin_takes_over_and_reads_what_the_sidecar_sealed(
+    tmp_path: Path,
+    kube: Cluster,
+    plugin: Plugin,
+    planes: list[ControlPlane],
+    kms_plugin_binary: Path,
+) -> None:
+    """``kustody-kms`` (kms/) replaces the sidecar's KMS socket under the same provider name:
+    kube-apiserver reads the Secrets the sidecar sealed through it, seals new ones, and follows
+    a rotation the sidecar makes."""
+    state_dir = tmp_path / "plane"
+    cluster = start_plane(
+        planes, state_dir, kube, encryption_config(tmp_path / "py.yaml", plugin.kms_socket)
+    )
+    cluster.kubectl("create", "namespace", "kms")
+    before = {f"py-{i}": f"sealed-by-the-sidecar-{i}-{os.urandom(6).hex()}" for i in range(3)}
+    for name, value in before.items():
+        create_secret(cluster, "kms", name, value)
+    planes.pop().stop()
+
+    go = KmsPlugin(
+        kms_plugin_binary,
+        plugin.token,
+        RING,
+        tmp_path / "go" / "kms.sock",
+        tmp_path / "go.log",
+        ("--health-interval", "1s"),
+    ).start()
+    try:
+        assert wait_for_healthz(go.socket, healthy=True) == "ok"
+        assert kms_status(go.socket).key_id == kms_status(plugin.kms_socket).key_id
+        config = encryption_config(tmp_path / "go.yaml", go.socket)
+        cluster = start_plane(planes, state_dir, kube, config)
+        for name, value in before.items():
+            assert read_secret(cluster, "kms", name) == value
+        fresh = f"sealed-by-go-{os.urandom(6).hex()}"
+        create_secret(cluster, "kms", "go-1", fresh)
+        raw = cluster.etcd_get(secret_key("kms", "go-1"))
+        assert raw is not None
+        assert raw.startswith(PREFIX)
+        assert fresh.encode() not in raw
+        assert f"{RING}:v1:".encode() in raw
+        assert read_secret(cluster, "kms", "go-1") == fresh
+
+        # The sidecar rotates; the Go plugin's key_id follows within a health pass.
+        async def rotate() -> None:
+            async with HsmClient.unix(plugin.socket) as client:
+                await client.create_key_version(RING, 2)
+
+        asyncio.run(rotate())
+        deadline = time.monotonic() + 20
+        while f"{RING}:v2:" not in kms_status(go.socket).key_id:
+            assert time.monotonic() < deadline, kms_status(go.socket)
+            time.sleep(0.2)
+        planes.pop().stop()
+        cluster = start_plane(planes, state_dir, kube, config)
+        rotated = f"sealed-by-go-after-rotation-{os.urandom(6).hex()}"
+        create_secret(cluster, "kms", "go-2", rotated)
+        raw = cluster.etcd_get(secret_key("kms", "go-2"))
+        assert raw is not None
+        assert f"{RING}:v2:".encode() in raw
+        for name, value in {**before, "go-1": fresh, "go-2": rotated}.items():
+            assert read_secret(cluster, "kms", name) == value
+    finally:
+        log = go.stop()
+    for value in [*before.values(), fresh]:
+        assert value not in log

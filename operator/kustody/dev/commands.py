@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from kustody.dev import binaries
+from kustody.dev import binaries, kmsplugin
 from kustody.dev.controlplane import Cluster, ControlPlane
 
 
@@ -26,6 +26,7 @@ def _build(args: argparse.Namespace) -> int:
     if not stale:
         print("nothing to build: the binaries are cached")
     print(f"binaries ready in {binaries.cache_dir()}")
+    print(f"{kmsplugin.NAME} ready: {kmsplugin.build()}")
     return 0
 
 
@@ -97,7 +98,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
         return p
 
-    build = dev_sub.add_parser("build", help="build the control-plane binaries once (cached)")
+    build = dev_sub.add_parser(
+        "build", help="build the control-plane binaries and kustody-kms once (cached)"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_build)
 

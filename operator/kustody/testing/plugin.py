@@ -18,6 +18,8 @@ to any test suite:
     a session-wide ``kustody hsm`` process serving ``softhsm_token``.
 ``kustody_operator``
     a session-wide ``kustody operator`` process on ``kube``, using ``hsm_sidecar``.
+``kms_plugin_binary``
+    ``kustody-kms``, the Go KMS v2 plugin, built from the checkout's ``kms/`` (cached).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from kustody.dev import binaries
+from kustody.dev import binaries, kmsplugin
 from kustody.dev.controlplane import Cluster, ControlPlane
 from kustody.dev.softhsm import SoftHSMToken
 from kustody.dev.stack import Operator, Sidecar
@@ -91,6 +93,15 @@ def make_softhsm_token(
             pytest.fail(f"could not create a test token: {exc}", pytrace=False)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def kms_plugin_binary() -> Path:
+    """``kustody-kms`` for this checkout's sources (built once, then cached)."""
+    try:
+        return kmsplugin.build(log=_quiet)
+    except UserError as exc:
+        pytest.fail(f"could not build kustody-kms: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
