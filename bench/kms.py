@@ -1,4 +1,7 @@
-"""KMS v2: Kustody's plugin against a minimal Go plugin on the same token (``make bench-hsm``).
+"""KMS v2: Kustody's plugins against a minimal Go plugin on the same token (``make bench-hsm``).
+
+Kustody has two KMS v2 plugins with one envelope and key_id: ``kustody-kms`` (kms/, Go; the
+fast path, ``kustody_go`` here) and the sidecar's ``--kms-socket`` (Python, ``kustody``).
 
 The reference is ``bench/gokms`` (its own Go module, built into the cache on first use): a Go
 KMS v2 plugin over PKCS#11 (github.com/miekg/pkcs11, Kubernetes' own k8s.io/kms/pkg/service
@@ -21,10 +24,11 @@ and operation, one run against each plugin, the order rotating between repetitio
 drift in the machine's load falls on both. Each figure is the median of the repetitions with
 its min-max; the 1-minute load average is recorded before every run.
 
-``kms_ratio_c1`` / ``kms_ratio_c16``: Kustody's median ops/s over the Go plugin's, the lower of
-Encrypt and Decrypt (target >= 0.8). Also per operation, and the per-repetition ratios of the
+``kms_ratio_c1`` / ``kms_ratio_c16``: ``kustody-kms``'s median ops/s over the reference Go
+plugin's, the lower of Encrypt and Decrypt (target >= 0.8); ``kms_python_ratio_c*`` the same
+for the sidecar's Python plugin. Also per operation, and the per-repetition ratios of the
 adjacent runs (min-max). ``server_cpu_us_per_op`` is what each plugin's processes used per
-operation (Kustody: front end + PKCS#11 worker).
+operation (the Python plugin: front end + PKCS#11 worker).
 
 ``KUSTODY_BENCH_KMS_REPEATS`` (default 3), ``KUSTODY_BENCH_SECONDS`` (default 3 per run).
 ``python bench/kms.py`` runs this part alone and prints the JSON.
@@ -44,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kustody.dev import kmsplugin
 from kustody.dev.tokens import DevToken, create_token
 
 DURATION = float(os.environ.get("KUSTODY_BENCH_SECONDS", "3"))
@@ -56,7 +61,7 @@ WARMUP = "1s"
 TARGET = 0.8
 KEY_RING = "bench-kms"
 GOKMS = Path(__file__).resolve().parent / "gokms"
-PLUGINS = ("go", "kustody", "python_floor", "python_sync_floor")
+PLUGINS = ("go", "kustody_go", "kustody", "python_floor", "python_sync_floor")
 SYNC_THREADS = 2  # the best of 1, 2, 4 and 16 threads in a side experiment
 FLOOR = Path(__file__).resolve().parent / "kms_floor.py"
 
@@ -122,6 +127,35 @@ def start_go(
     return process, socket
 
 
+def start_kustody_go(token: DevToken, directory: Path) -> kmsplugin.KmsPlugin:
+    """``kustody-kms`` on the KeyRing the sidecar created, once its Status says ok."""
+    plugin = kmsplugin.KmsPlugin(
+        kmsplugin.build(log=lambda line: print(line, file=sys.stderr)),
+        token,
+        KEY_RING,
+        directory / "kustody-go-kms.sock",
+        directory / "kustody-go-kms.log",
+        ("--health-interval", "1s"),
+    ).start()
+    deadline = time.monotonic() + 30
+    while _healthz(plugin.socket) != "ok":
+        if time.monotonic() > deadline:
+            plugin.stop()
+            raise SystemExit(f"kustody-kms is not healthy: {_healthz(plugin.socket)}")
+        time.sleep(0.2)
+    return plugin
+
+
+def _healthz(socket: Path) -> str:
+    import grpc
+    from kustody.api._proto import kms_v2_pb2 as pb
+    from kustody.api._proto import kms_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        stub = pb_grpc.KeyManagementServiceStub(channel)  # type: ignore[no-untyped-call]
+        return str(stub.Status(pb.StatusRequest(), timeout=5).healthz)
+
+
 def start_floor(directory: Path, sync: int = 0) -> tuple[subprocess.Popen[bytes], Path]:
     socket = directory / ("sync-floor.sock" if sync else "floor.sock")
     command = [sys.executable, str(FLOOR), str(socket)]
@@ -184,16 +218,20 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
     result: dict[str, Any] = {"kms_cases": cases}
     for concurrency in CONCURRENCIES:
         ratios: dict[str, float] = {}
+        python: dict[str, float] = {}
         floors: dict[str, float] = {}
         syncs: dict[str, float] = {}
         for op in OPS:
             case = cases[f"{op}_c{concurrency}"]
-            go, ours = case["go"], case["kustody"]
-            pairs = [k["ops_s"] / g["ops_s"] for k, g in zip(ours["runs"], go["runs"], strict=True)]
-            ratio = ours["ops_s"]["median"] / go["ops_s"]["median"]
-            case["ratio"] = round(ratio, 3)
-            case["ratio_per_repetition"] = _spread(pairs)
-            ratios[op] = round(ratio, 3)
+            go, fast, ours = case["go"], case["kustody_go"], case["kustody"]
+            for name, plugin, into in (("", fast, ratios), ("python_", ours, python)):
+                pairs = [
+                    k["ops_s"] / g["ops_s"] for k, g in zip(plugin["runs"], go["runs"], strict=True)
+                ]
+                ratio = plugin["ops_s"]["median"] / go["ops_s"]["median"]
+                case[f"{name}ratio"] = round(ratio, 3)
+                case[f"{name}ratio_per_repetition"] = _spread(pairs)
+                into[op] = round(ratio, 3)
             floor = case["python_floor"]["ops_s"]["median"]
             case["python_floor_ratio"] = round(floor / go["ops_s"]["median"], 3)
             case["kustody_of_python_floor"] = round(ours["ops_s"]["median"] / floor, 3)
@@ -203,6 +241,8 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
             syncs[op] = case["python_sync_floor_ratio"]
         result[f"kms_ratio_c{concurrency}"] = min(ratios.values())
         result[f"kms_ratio_c{concurrency}_by_op"] = ratios
+        result[f"kms_python_ratio_c{concurrency}"] = min(python.values())
+        result[f"kms_python_ratio_c{concurrency}_by_op"] = python
         result[f"kms_python_floor_ratio_c{concurrency}"] = min(floors.values())
         result[f"kms_python_sync_floor_ratio_c{concurrency}"] = min(syncs.values())
     return result
@@ -220,17 +260,21 @@ def run() -> dict[str, Any]:
         token = create_token(base / "token", "bench")
         kustody, kustody_socket = start_kustody(token, base)
         go, go_socket = start_go(binary, token, base)
+        fast = start_kustody_go(token, base)
+        assert fast.process is not None
         floor, floor_socket = start_floor(base)
         sync_floor, sync_floor_socket = start_floor(base, SYNC_THREADS)
         try:
             pids = {
                 "go": [go.pid],
+                "kustody_go": [fast.process.pid],
                 "kustody": [kustody.pid, *_children(kustody.pid)],  # front end, then worker
                 "python_floor": [floor.pid],
                 "python_sync_floor": [sync_floor.pid],
             }
             sockets = {
                 "go": go_socket,
+                "kustody_go": fast.socket,
                 "kustody": kustody_socket,
                 "python_floor": floor_socket,
                 "python_sync_floor": sync_floor_socket,
@@ -254,6 +298,7 @@ def run() -> dict[str, Any]:
                                 file=sys.stderr,
                             )
         finally:
+            fast.stop()
             for process in (sync_floor, floor, go, kustody):
                 process.terminate()
                 process.wait(timeout=10)
@@ -268,6 +313,7 @@ def run() -> dict[str, Any]:
         "plaintext_bytes": 32,
         "token": "softhsm2",
         "reference": "bench/gokms (github.com/miekg/pkcs11 v1.1.2, k8s.io/kms v0.36.3)",
+        "kustody_go": "kms/ (kustody-kms, --sessions 16)",
         "target_ratio": TARGET,
         "load_avg": {
             "before": load_before,

@@ -1,8 +1,9 @@
 """PNG plots of the benchmark results, written beside the JSON in bench/results.
 
-* ``hsm-kms.png``: KMS v2 Encrypt/Decrypt ops/s of Kustody's plugin, the Go reference plugin
-  and the Python gRPC floor at each concurrency (median bars, min-max whiskers), with
-  Kustody's ratio to the Go plugin and the 0.8 target (from ``kms_cases`` in hsm.json);
+* ``hsm-kms.png``: KMS v2 Encrypt/Decrypt ops/s of Kustody's two plugins (``kustody-kms`` in
+  Go, the sidecar's in Python), the Go reference plugin and the Python gRPC floors at each
+  concurrency (median bars, min-max whiskers), with each Kustody plugin's ratio to the
+  reference and the 0.8 target (from ``kms_cases`` in hsm.json);
 * ``hsm-unwrap.png``: workload unwrap ops/s and p99 latency against concurrency (medians,
   min-max bands), one line per front-end configuration (from ``unwrap_sweep`` in hsm.json);
 * ``operator.png``: time to Ready (create) and to re-wrapped (rotate) against the number of
@@ -28,13 +29,15 @@ import matplotlib.pyplot as plt
 RESULTS = Path(__file__).resolve().parent / "results"
 COLOURS = {
     "go": "#4c72b0",
+    "kustody_go": "#55a868",
     "kustody": "#dd8452",
     "python_floor": "#8c8c8c",
     "python_sync_floor": "#c7c7c7",
 }
 LABELS = {
-    "go": "Go plugin (bench/gokms)",
-    "kustody": "Kustody",
+    "go": "reference Go plugin (bench/gokms)",
+    "kustody_go": "Kustody: kustody-kms (Go)",
+    "kustody": "Kustody: sidecar --kms-socket (Python)",
     "python_floor": "Python grpc.aio floor (no crypto)",
     "python_sync_floor": "Python grpc sync floor, 2 threads (no crypto)",
 }
@@ -79,10 +82,13 @@ def plot_kms(result: dict[str, Any], out: Path = RESULTS / "hsm-kms.png") -> Pat
         err = [[m - lo for m, lo in zip(mids, lows, strict=True)],
                [hi - m for m, hi in zip(mids, highs, strict=True)]]  # fmt: skip
         ax.bar(xs, mids, width, yerr=err, capsize=3, color=COLOURS[plugin], label=LABELS[plugin])
-        if plugin == "kustody":
+        ratio_key = {"kustody_go": "ratio", "kustody": "python_ratio"}.get(plugin)
+        if ratio_key and "kustody_go" not in cases[names[0]]:
+            ratio_key = "ratio" if plugin == "kustody" else None  # results from before kms/
+        if ratio_key:
             for x, n, m in zip(xs, names, mids, strict=True):
                 ax.annotate(
-                    f"{cases[n].get('ratio', 0):.2f}x",
+                    f"{cases[n].get(ratio_key, 0):.2f}x",
                     (x, m),
                     textcoords="offset points",
                     xytext=(0, 4),
@@ -98,7 +104,7 @@ def plot_kms(result: dict[str, Any], out: Path = RESULTS / "hsm-kms.png") -> Pat
         if f"kms_ratio_c{c}" in result
     )
     ax.set_title(
-        f"KMS v2 on one SoftHSM2 token, same Go client: Kustody / Go = {ratios} "
+        f"KMS v2 on one SoftHSM2 token, same Go client: kustody-kms / reference = {ratios} "
         f"(target {method.get('target_ratio', 0.8)})",
         fontsize=9,
     )
