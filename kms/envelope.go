@@ -37,11 +37,28 @@ const (
 	kmsTag            = 'K'
 )
 
-var keyRingName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
-
-// validKeyRing: a DNS-1123 subdomain of 1..253 characters, as KeyVersionRef requires.
+// validKeyRing: a DNS-1123 subdomain of 1..253 characters, as KeyVersionRef requires:
+// dot-separated labels of [a-z0-9-], each starting and ending with [a-z0-9]. (By hand rather
+// than with regexp: it runs on every Decrypt.)
 func validKeyRing(name string) bool {
-	return len(name) > 0 && len(name) <= maxRingBytes && keyRingName.MatchString(name)
+	if len(name) == 0 || len(name) > maxRingBytes {
+		return false
+	}
+	start := true // at the first character of a label
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		alnum := c >= 'a' && c <= 'z' || c >= '0' && c <= '9'
+		switch {
+		case alnum:
+			start = false
+		case c == '-' && !start && i+1 < len(name) && name[i+1] != '.':
+		case c == '.' && !start && i+1 < len(name):
+			start = true
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // envelope is a sealed KMS seed. It never holds plaintext.
@@ -66,7 +83,8 @@ func (e envelope) bytes() []byte {
 	return append(out, e.sealed...)
 }
 
-// parseEnvelope applies the Python parser's checks in its order, with its messages.
+// parseEnvelope applies the Python parser's checks in its order, with its messages. The
+// envelope's nonce and sealed bytes alias raw (a request's, which outlives the call).
 func parseEnvelope(raw []byte) (envelope, *kmsError) {
 	malformed := func(msg string) (envelope, *kmsError) {
 		return envelope{}, newError(reasonMalformedEnvelope, msg)
@@ -94,12 +112,7 @@ func parseEnvelope(raw []byte) (envelope, *kmsError) {
 	if len(sealed) > maxCiphertext {
 		return malformed("envelope ciphertext is too long")
 	}
-	return envelope{
-		ring:    ring,
-		version: version,
-		nonce:   append([]byte(nil), raw[fixedEnd:fixedEnd+nonceBytes]...),
-		sealed:  append([]byte(nil), sealed...),
-	}, nil
+	return envelope{ring: ring, version: version, nonce: raw[fixedEnd : fixedEnd+nonceBytes], sealed: sealed}, nil
 }
 
 // kmsAAD is the associated data binding a KMS seed to its envelope header and key_id.

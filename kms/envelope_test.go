@@ -36,6 +36,10 @@ type vectors struct {
 		Ring    *string `json:"ring"`
 		Version *uint32 `json:"version"`
 	} `json:"labels"`
+	KeyRings []struct {
+		Name  string `json:"name"`
+		Valid bool   `json:"valid"`
+	} `json:"key_rings"`
 	KeyIDErrors []struct {
 		KeyID string `json:"key_id"`
 		Error string `json:"error"`
@@ -129,6 +133,18 @@ func TestLabelVectors(t *testing.T) {
 		}
 		if ok && (ring != *v.Ring || version != *v.Version) {
 			t.Errorf("%q: %s/v%d, Python %s/v%d", v.Label, ring, version, *v.Ring, *v.Version)
+		}
+	}
+}
+
+func TestKeyRingVectors(t *testing.T) {
+	rings := load(t).KeyRings
+	if len(rings) < 10 {
+		t.Fatal("too few KeyRing name vectors")
+	}
+	for _, v := range rings {
+		if got := validKeyRing(v.Name); got != v.Valid {
+			t.Errorf("KeyRing name %q: valid=%t, Python says %t", v.Name, got, v.Valid)
 		}
 	}
 }

@@ -52,6 +52,8 @@ type version struct {
 	handle      pkcs11.ObjectHandle
 	hasKey      bool
 	untrusted   string // why the object is not a key Kustody generated; "" if it is
+	keyID       string // <ring>:v<N>:<fingerprint>, what Encrypt returns under this version
+	sealAAD     []byte // the AAD Encrypt seals with under this version (bound to keyID)
 }
 
 // view is one scan of the token for one KeyRing; immutable once built.
@@ -76,24 +78,24 @@ func (v *view) primary() (uint32, bool) {
 // usable is the version's key handle if it is trusted and ENABLED, else why not.
 func (v *view) usable(n uint32) (*version, *kmsError) {
 	ver, ok := v.versions[n]
-	ref := fmt.Sprintf("%s/v%d", v.ring, n)
-	if !ok {
-		return nil, newError(reasonVersionNotFound, fmt.Sprintf("KEK version %s does not exist", ref))
+	if ok && ver.untrusted == "" && ver.state == stateEnabled {
+		return ver, nil
 	}
-	if ver.untrusted != "" {
+	ref := fmt.Sprintf("%s/v%d", v.ring, n)
+	switch {
+	case !ok:
+		return nil, newError(reasonVersionNotFound, fmt.Sprintf("KEK version %s does not exist", ref))
+	case ver.untrusted != "":
 		return nil, newError(reasonKeyNotTrusted, fmt.Sprintf(
 			"KEK version %s: the token object labelled %q is not a key Kustody generated (%s); "+
 				"it is not used. Remove it from the token or use another version", ref, label(v.ring, n), ver.untrusted))
-	}
-	switch ver.state {
-	case stateDestroyed:
+	case ver.state == stateDestroyed:
 		return nil, newError(reasonVersionDestroyed, fmt.Sprintf("KEK version %s was destroyed", ref))
-	case stateDisabled:
-		return nil, newError(reasonVersionDisabled, fmt.Sprintf("KEK version %s is disabled", ref))
-	case stateDestroyScheduled:
+	case ver.state == stateDestroyScheduled:
 		return nil, newError(reasonVersionDisabled, fmt.Sprintf("KEK version %s is disabled (its destruction is scheduled)", ref))
+	default:
+		return nil, newError(reasonVersionDisabled, fmt.Sprintf("KEK version %s is disabled", ref))
 	}
-	return ver, nil
 }
 
 // counts is the number of versions per state (for kustody_hsm_key_versions).
@@ -322,6 +324,10 @@ func scan(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, ring string) (*view, error) {
 			ver.untrusted = "the token holds more than one object under this label and ID"
 		}
 		ver.fingerprint = r.fingerprint(o, recs[appFingerprint][lbl])
+		ver.keyID = keyID(ring, n, ver.fingerprint)
+		if aad, err := kmsAAD(ring, n, ver.keyID); err == nil {
+			ver.sealAAD = aad
+		}
 		v.versions[n] = ver
 	}
 	for lbl, values := range recs[appTombstone] {

@@ -129,9 +129,9 @@ func (p *plugin) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.S
 			resp.Healthz = err.Error()
 		}
 	} else {
-		resp.KeyId = keyID(p.ring, ver.number, ver.fingerprint)
+		resp.KeyId = ver.keyID
 	}
-	p.metrics.observe("kms.Status", "ok", start)
+	p.metrics.ok("kms.Status", start)
 	return resp, nil
 }
 
@@ -155,10 +155,9 @@ func (p *plugin) encrypt(plaintext []byte) (*kmsapi.EncryptResponse, *kmsError) 
 	if kerr != nil {
 		return nil, kerr
 	}
-	id := keyID(p.ring, ver.number, ver.fingerprint)
-	aad, kerr := kmsAAD(p.ring, ver.number, id)
-	if kerr != nil {
-		return nil, kerr
+	id, aad := ver.keyID, ver.sealAAD
+	if aad == nil {
+		return nil, newError(reasonInternal, fmt.Sprintf("KEK version %s/v%d has no usable key_id", p.ring, ver.number))
 	}
 	var env envelope
 	err := p.tok.with(func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) error {
@@ -270,7 +269,7 @@ func (p *plugin) keyError(err error, n uint32, action string) *kmsError {
 
 func (p *plugin) finish(ctx context.Context, op string, start time.Time, err *kmsError) error {
 	if err == nil {
-		p.metrics.observe(op, "ok", start)
+		p.metrics.ok(op, start)
 		return nil
 	}
 	outcome := err.reason

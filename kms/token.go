@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
 )
@@ -33,12 +34,17 @@ type token struct {
 	pool  chan pkcs11.SessionHandle // idle sessions
 	slots chan struct{}             // how many more sessions may be opened
 	gen   uint64                    // bumped at every (re)open: sessions of older ones are dropped
+
+	current atomic.Pointer[opened] // what calls use, without the lock; nil while closed
 }
 
-// session is a pooled session and the generation it belongs to.
-type session struct {
-	h   pkcs11.SessionHandle
-	gen uint64
+// opened is one generation of the open token, as calls see it.
+type opened struct {
+	ctx   *pkcs11.Ctx
+	slot  uint
+	pool  chan pkcs11.SessionHandle
+	slots chan struct{}
+	gen   uint64
 }
 
 func newToken(cfg tokenConfig) *token { return &token{cfg: cfg} }
@@ -94,6 +100,7 @@ func (t *token) open(pin string) *kmsError {
 		t.slots <- struct{}{}
 	}
 	t.pool <- first
+	t.current.Store(&opened{ctx: t.ctx, slot: t.slot, pool: t.pool, slots: t.slots, gen: t.gen})
 	return nil
 }
 
@@ -103,21 +110,17 @@ func (t *token) closeLocked() {
 		_ = t.ctx.CloseAllSessions(t.slot)
 	}
 	t.pool, t.slots = nil, nil
-}
-
-func (t *token) current() (*pkcs11.Ctx, chan pkcs11.SessionHandle, chan struct{}, uint, uint64) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.ctx, t.pool, t.slots, t.slot, t.gen
+	t.current.Store(nil)
 }
 
 // with runs f on a session: an idle one, a new one while fewer than --sessions exist, or
 // the next to come back. A session whose use failed as lost marks the token down.
 func (t *token) with(f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) error) error {
-	ctx, pool, slots, slot, gen := t.current()
-	if pool == nil {
+	o := t.current.Load()
+	if o == nil {
 		return newError(reasonTokenUnavailable, "the token is not open")
 	}
+	ctx, pool, slots, slot, gen := o.ctx, o.pool, o.slots, o.slot, o.gen
 	var s pkcs11.SessionHandle
 	select {
 	case s = <-pool:
@@ -155,11 +158,11 @@ func (t *token) lost(gen uint64, _ error) {
 
 // probe: the token still answers (its label, and the RNG on a session).
 func (t *token) probe() *kmsError {
-	ctx, _, _, slot, _ := t.current()
-	if ctx == nil {
+	o := t.current.Load()
+	if o == nil {
 		return newError(reasonTokenUnavailable, "the token is not open")
 	}
-	info, err := ctx.GetTokenInfo(slot)
+	info, err := o.ctx.GetTokenInfo(o.slot)
 	if err != nil {
 		return newError(reasonTokenLost, fmt.Sprintf("C_GetTokenInfo failed (%s)", ckrName(err)))
 	}

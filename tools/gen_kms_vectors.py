@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kustody.domain.aad import KmsBinding, associated_data
 from kustody.domain.envelope import MAX_BINARY_BYTES, Envelope, header_for
 from kustody.domain.errors import DomainError
-from kustody.domain.keyversion import KeyVersionRef, parse_label
+from kustody.domain.keyversion import KeyVersionRef, parse_label, validate_key_ring
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "tests" / "vectors" / "kms_envelope_v1.json"
@@ -113,6 +113,24 @@ def _labels() -> list[dict[str, Any]]:
     return out
 
 
+def _key_rings() -> list[dict[str, Any]]:
+    """KeyRing names and whether the Python side accepts them (a DNS-1123 subdomain)."""
+    names = [
+        "a", "secrets", "cluster.secrets-2", "a-b.c-d", "0", "9a", "a" * 253, "a" * 254, "",
+        "A", "-a", "a-", "a.", ".a", "a..b", "a.-b", "a-.b", "a_b", "a b", "é", "a/b",
+        "x" * 63 + "." + "y" * 63,
+    ]  # fmt: skip
+    out: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            validate_key_ring(name)
+            valid = True
+        except DomainError:
+            valid = False
+        out.append({"name": name, "valid": valid})
+    return out
+
+
 def _key_id_errors() -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for key_id in ("", "x" * 1025):
@@ -137,6 +155,7 @@ def render() -> str:
         ],
         "malformed": _malformed(),
         "labels": _labels(),
+        "key_rings": _key_rings(),
         "key_id_errors": _key_id_errors(),
     }
     return json.dumps(document, indent=1) + "\n"

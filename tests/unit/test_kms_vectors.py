@@ -71,3 +71,5 @@ def test_the_vectors_cover_what_the_go_plugin_must_get_right() -> None:
     assert any(int(v["version"]) == 2**32 - 1 for v in VECTORS["seal"])
     assert any(v["ring"] is None for v in VECTORS["labels"])
     assert len(VECTORS["key_id_errors"]) == 2
+    validity = {v["valid"] for v in VECTORS["key_rings"]}
+    assert validity == {True, False}
