@@ -1,11 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"io"
 	"os"
 	"strings"
 	"testing"
@@ -160,7 +162,7 @@ func TestKeyIDErrorVectors(t *testing.T) {
 
 func TestFlags(t *testing.T) {
 	base := []string{"--kms-socket", "/tmp/x.sock", "--kms-keyring", "secrets", "--pin-file", "/tmp/pin"}
-	if _, err := parse(base, os.Stderr); err != nil {
+	if _, err := parse(base, io.Discard, io.Discard); err != nil {
 		t.Fatalf("valid flags refused: %v", err)
 	}
 	bad := map[string][]string{
@@ -171,9 +173,31 @@ func TestFlags(t *testing.T) {
 		"--kms-version":     {"--kms-version", "4294967296"},
 	}
 	for name, extra := range bad {
-		_, err := parse(append(append([]string{}, base...), extra...), os.Stderr)
+		_, err := parse(append(append([]string{}, base...), extra...), io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), name) {
 			t.Errorf("%v: %v (want an error naming %s)", extra, err, name)
 		}
+	}
+}
+
+func TestHelpGoesToStdoutAndExitsZero(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"--help"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("--help exited %d", code)
+	}
+	for _, want := range []string{"usage: kustody-kms", "-kms-keyring", "-pin-file", "-sessions"} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("--help does not mention %s", want)
+		}
+	}
+	if stderr.Len() != 0 {
+		t.Errorf("--help wrote to stderr: %q", stderr.String())
+	}
+	stdout.Reset()
+	if code := run([]string{"--kms-socket", "/tmp/x"}, &stdout, &stderr); code != 2 {
+		t.Fatalf("a missing --kms-keyring exited %d, want 2", code)
+	}
+	if !strings.Contains(stderr.String(), "--kms-keyring is required") {
+		t.Errorf("stderr: %q", stderr.String())
 	}
 }

@@ -27,6 +27,8 @@ const (
 	reasonPinIncorrect      = "PIN_INCORRECT"
 	reasonPinFileUnreadable = "PIN_FILE_UNREADABLE"
 	reasonTokenLost         = "TOKEN_LOST"
+	reasonTokenFull         = "TOKEN_FULL"
+	reasonTokenIncompatible = "TOKEN_INCOMPATIBLE"
 	reasonInternal          = "INTERNAL"
 )
 
@@ -46,6 +48,8 @@ var reasonCodes = map[string]codes.Code{
 	reasonPinIncorrect:      codes.Unavailable,
 	reasonPinFileUnreadable: codes.Unavailable,
 	reasonTokenLost:         codes.Unavailable,
+	reasonTokenFull:         codes.ResourceExhausted,
+	reasonTokenIncompatible: codes.Unavailable,
 	reasonInternal:          codes.Internal,
 }
 

@@ -25,6 +25,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/miekg/pkcs11"
 )
@@ -87,7 +88,7 @@ func (v *view) usable(n uint32) (*version, *kmsError) {
 		return nil, newError(reasonVersionNotFound, fmt.Sprintf("KEK version %s does not exist", ref))
 	case ver.untrusted != "":
 		return nil, newError(reasonKeyNotTrusted, fmt.Sprintf(
-			"KEK version %s: the token object labelled %q is not a key Kustody generated (%s); "+
+			"KEK version %s: the token object labelled '%s' is not a key Kustody generated (%s); "+
 				"it is not used. Remove it from the token or use another version", ref, label(v.ring, n), ver.untrusted))
 	case ver.state == stateDestroyed:
 		return nil, newError(reasonVersionDestroyed, fmt.Sprintf("KEK version %s was destroyed", ref))
@@ -117,9 +118,10 @@ func (v *view) numbers() []uint32 {
 }
 
 type rule struct {
-	attr uint
-	name string
-	want any // bool, or []byte for an exact value
+	attr  uint
+	name  string
+	want  any    // bool, or []byte for an exact value
+	shown string // the exact value as the sidecar names it ("AES", "32")
 }
 
 func ulong(n uint) []byte { return pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, n).Value }
@@ -129,32 +131,32 @@ var (
 	kekLen  = ulong(kekBytes)
 	// What a KEK Kustody generated is (kekstore._TRUSTED).
 	trustedRules = []rule{
-		{pkcs11.CKA_KEY_TYPE, "CKA_KEY_TYPE", aesType},
-		{pkcs11.CKA_VALUE_LEN, "CKA_VALUE_LEN", kekLen},
-		{pkcs11.CKA_LOCAL, "CKA_LOCAL", true},
-		{pkcs11.CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", true},
-		{pkcs11.CKA_SENSITIVE, "CKA_SENSITIVE", true},
-		{pkcs11.CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false},
-		{pkcs11.CKA_WRAP, "CKA_WRAP", false},
-		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP", false},
+		{pkcs11.CKA_KEY_TYPE, "CKA_KEY_TYPE", aesType, "AES"},
+		{pkcs11.CKA_VALUE_LEN, "CKA_VALUE_LEN", kekLen, "32"},
+		{pkcs11.CKA_LOCAL, "CKA_LOCAL", true, ""},
+		{pkcs11.CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", true, ""},
+		{pkcs11.CKA_SENSITIVE, "CKA_SENSITIVE", true, ""},
+		{pkcs11.CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false, ""},
+		{pkcs11.CKA_WRAP, "CKA_WRAP", false, ""},
+		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP", false, ""},
 	}
 	// A version created for an escrowed KeyRing (kekstore._ESCROWABLE).
 	escrowableRules = []rule{
-		{pkcs11.CKA_KEY_TYPE, "CKA_KEY_TYPE", aesType},
-		{pkcs11.CKA_VALUE_LEN, "CKA_VALUE_LEN", kekLen},
-		{pkcs11.CKA_LOCAL, "CKA_LOCAL", true},
-		{pkcs11.CKA_SENSITIVE, "CKA_SENSITIVE", true},
-		{pkcs11.CKA_WRAP_WITH_TRUSTED, "CKA_WRAP_WITH_TRUSTED", true},
-		{pkcs11.CKA_WRAP, "CKA_WRAP", false},
-		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP", false},
+		{pkcs11.CKA_KEY_TYPE, "CKA_KEY_TYPE", aesType, "AES"},
+		{pkcs11.CKA_VALUE_LEN, "CKA_VALUE_LEN", kekLen, "32"},
+		{pkcs11.CKA_LOCAL, "CKA_LOCAL", true, ""},
+		{pkcs11.CKA_SENSITIVE, "CKA_SENSITIVE", true, ""},
+		{pkcs11.CKA_WRAP_WITH_TRUSTED, "CKA_WRAP_WITH_TRUSTED", true, ""},
+		{pkcs11.CKA_WRAP, "CKA_WRAP", false, ""},
+		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP", false, ""},
 	}
 	// A version recovered from an escrow package (kekstore._RECOVERED).
 	recoveredRules = []rule{
-		{pkcs11.CKA_KEY_TYPE, "CKA_KEY_TYPE", aesType},
-		{pkcs11.CKA_SENSITIVE, "CKA_SENSITIVE", true},
-		{pkcs11.CKA_WRAP_WITH_TRUSTED, "CKA_WRAP_WITH_TRUSTED", true},
-		{pkcs11.CKA_WRAP, "CKA_WRAP", false},
-		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP", false},
+		{pkcs11.CKA_KEY_TYPE, "CKA_KEY_TYPE", aesType, "AES"},
+		{pkcs11.CKA_SENSITIVE, "CKA_SENSITIVE", true, ""},
+		{pkcs11.CKA_WRAP_WITH_TRUSTED, "CKA_WRAP_WITH_TRUSTED", true, ""},
+		{pkcs11.CKA_WRAP, "CKA_WRAP", false, ""},
+		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP", false, ""},
 	}
 )
 
@@ -243,32 +245,47 @@ func (r reader) distrust(o pkcs11.ObjectHandle, escrow, recovered bool) string {
 			}
 		case []byte:
 			if !bytes.Equal(value, want) {
-				return rl.name + " has another value than a Kustody KEK"
+				return rl.name + " is not " + rl.shown
 			}
 		}
 	}
 	return ""
 }
 
-// fingerprint: a kustody-fingerprint record, else CKA_CHECK_VALUE, else AES-ECB of zeros.
+// fingerprint: the key check value as the sidecar gets it under either profile:
+// CKA_CHECK_VALUE, else the first 3 bytes of AES-ECB(K, 0^16), else (a key that can no
+// longer encrypt, under profile fingerprint=aes-ecb) the kustody-fingerprint record kept
+// for it. For an honest token all three agree; a record is never preferred over the key.
 func (r reader) fingerprint(o pkcs11.ObjectHandle, records [][]byte) string {
-	for _, rec := range records {
-		if len(rec) > 0 {
-			return string(rec)
-		}
-	}
 	if cv, ok := r.attr(o, pkcs11.CKA_CHECK_VALUE); ok && len(cv) > 0 {
 		return hex.EncodeToString(cv)
 	}
 	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)}
-	if err := r.ctx.EncryptInit(r.s, mech, o); err != nil {
-		return ""
+	if err := r.ctx.EncryptInit(r.s, mech, o); err == nil {
+		out, err := r.ctx.Encrypt(r.s, make([]byte, 16))
+		if err == nil && len(out) >= 3 {
+			return hex.EncodeToString(out[:3])
+		}
 	}
-	out, err := r.ctx.Encrypt(r.s, make([]byte, 16))
-	if err != nil || len(out) < 3 {
-		return ""
+	for _, rec := range records {
+		if len(rec) > 0 {
+			return asciiReplace(rec)
+		}
 	}
-	return hex.EncodeToString(out[:3])
+	return ""
+}
+
+// asciiReplace decodes as the sidecar does (bytes.decode("ascii", "replace")).
+func asciiReplace(raw []byte) string {
+	var b strings.Builder
+	for _, c := range raw {
+		if c < 0x80 {
+			b.WriteByte(c)
+		} else {
+			b.WriteRune('\uFFFD')
+		}
+	}
+	return b.String()
 }
 
 // scan reads every version of ring from the token.
@@ -319,8 +336,8 @@ func scan(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, ring string) (*view, error) {
 			ver.state = stateDisabled
 		}
 		if prev, dup := v.versions[n]; dup && prev.hasKey {
-			// Two objects under one version's label and ID: the sidecar uses the first it
-			// finds; this plugin trusts neither rather than guess which.
+			// Two objects under one version's label and ID: the sidecar keeps one of them
+			// (the last its scan finds); this plugin trusts neither rather than guess which.
 			ver.untrusted = "the token holds more than one object under this label and ID"
 		}
 		ver.fingerprint = r.fingerprint(o, recs[appFingerprint][lbl])
@@ -337,7 +354,7 @@ func scan(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, ring string) (*view, error) {
 		}
 		fp := ""
 		if len(values) > 0 {
-			fp = string(values[0])
+			fp = asciiReplace(values[len(values)-1]) // the sidecar keeps the last it reads
 		}
 		v.versions[n] = &version{number: n, state: stateDestroyed, fingerprint: fp}
 	}

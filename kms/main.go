@@ -37,7 +37,7 @@ envelope and key_id as 'kustody hsm --kms-socket', which it can replace on the s
 It never creates, changes or destroys token objects: the KeyRing's versions come from the
 Kustody sidecar. The PIN is read from a file only; there is no flag that takes it.
 
-flags:
+flags (one or two dashes):
 `
 
 type options struct {
@@ -54,13 +54,16 @@ func env(name, fallback string) string {
 	return fallback
 }
 
-func parse(args []string, stderr io.Writer) (options, error) {
+// parse reads the flags (one or two dashes); help goes to stdout, errors to stderr.
+func parse(args []string, stdout, stderr io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("kustody-kms", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, usage)
+		fs.SetOutput(stdout)
+		fmt.Fprint(stdout, usage)
 		fs.PrintDefaults()
+		fs.SetOutput(stderr)
 	}
 	fs.StringVar(&o.module, "module", env("KUSTODY_HSM_MODULE", "/usr/lib/softhsm/libsofthsm2.so"), "PKCS#11 module (env KUSTODY_HSM_MODULE)")
 	fs.StringVar(&o.tokenLabel, "token-label", env("KUSTODY_HSM_TOKEN_LABEL", "kustody"), "token to open (env KUSTODY_HSM_TOKEN_LABEL)")
@@ -104,7 +107,8 @@ func readPin(path string) (string, error) {
 	if err != nil {
 		var pe *os.PathError
 		if errors.As(err, &pe) {
-			return "", fmt.Errorf("cannot read the PIN file %s: %v", path, pe.Err)
+			why := pe.Err.Error() // as Python's strerror: capitalised
+			return "", fmt.Errorf("cannot read the PIN file %s: %s", path, strings.ToUpper(why[:1])+why[1:])
 		}
 		return "", fmt.Errorf("cannot read the PIN file %s", path)
 	}
@@ -131,8 +135,8 @@ func listen(path string) (net.Listener, error) {
 	return net.Listen("unix", path)
 }
 
-func run(args []string, stderr io.Writer) int {
-	o, err := parse(args, stderr)
+func run(args []string, stdout, stderr io.Writer) int {
+	o, err := parse(args, stdout, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
@@ -152,8 +156,9 @@ func run(args []string, stderr io.Writer) int {
 		}
 		logger.Printf("metrics on http://%s/metrics", addr)
 	}
-	tok := newToken(tokenConfig{module: o.module, label: o.tokenLabel, sessions: o.sessions})
+	tok := newToken(tokenConfig{module: o.module, label: o.tokenLabel, sessions: o.sessions}, nil)
 	p := newPlugin(o.ring, uint32(o.version), tok, m, logger.Printf)
+	tok.onLost = p.tokenLost
 	ln, err := listen(o.socket)
 	if err != nil {
 		logger.Printf("listening on %s: %v", o.socket, err)
@@ -172,11 +177,17 @@ func run(args []string, stderr io.Writer) int {
 		logger.Printf("serving: %v", err)
 		return 1
 	case <-ctx.Done():
-		server.GracefulStop()
+		stopped := make(chan struct{})
+		go func() { server.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(10 * time.Second):
+			server.Stop()
+		}
 		_ = os.Remove(o.socket)
 		logger.Print("stopped")
 		return 0
 	}
 }
 
-func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }

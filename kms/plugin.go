@@ -43,7 +43,11 @@ type plugin struct {
 	view    atomic.Pointer[view]
 	health  atomic.Pointer[kmsError] // nil: the token answers
 	rescans sync.Mutex               // one scan at a time; callers arriving meanwhile share it
-	scanned atomic.Int64             // unix nanos of the last finished scan
+	scanned atomic.Int64             // unix nanos of the last scan that succeeded
+
+	lastKeyID atomic.Pointer[string] // the last key_id Status gave
+	// Set once the token refused a caller-supplied GCM IV: Status says so from then on.
+	incompatible atomic.Pointer[kmsError]
 }
 
 func newPlugin(ring string, pinned uint32, tok *token, m *metrics, logf func(string, ...any)) *plugin {
@@ -71,11 +75,18 @@ func (p *plugin) rescan(since time.Time) *kmsError {
 		p.metrics.versions(v)
 		return nil
 	})
-	p.scanned.Store(time.Now().UnixNano())
 	if err != nil {
-		return asKmsError(err, "scanning the token")
+		return asKmsError(err, "reading the token")
 	}
+	p.scanned.Store(time.Now().UnixNano()) // only a scan that succeeded counts as fresh
 	return nil
+}
+
+// tokenLost is the token's onLost: health says so at once, before the next health pass.
+func (p *plugin) tokenLost(why *kmsError) {
+	p.health.Store(why)
+	p.metrics.tokenUp(false)
+	p.logf("token unavailable: %s", why.Error())
 }
 
 // reportUntrusted logs each version whose token object became untrusted since the last scan
@@ -120,19 +131,47 @@ func (p *plugin) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.S
 		_ = p.rescan(start.Add(-time.Second))
 	}
 	resp := &kmsapi.StatusResponse{Version: apiVersion, Healthz: "ok"}
-	if h := p.health.Load(); h != nil {
-		resp.Healthz = h.Error()
+	id, err := p.statusKeyID()
+	if err == nil {
+		p.lastKeyID.Store(&id)
 	}
-	ver, err := p.writeVersion()
-	if err != nil {
-		if resp.Healthz == "ok" {
-			resp.Healthz = err.Error()
-		}
-	} else {
-		resp.KeyId = ver.keyID
+	if last := p.lastKeyID.Load(); last != nil {
+		resp.KeyId = *last // on an error, the last key_id (as the sidecar does)
+	}
+	if h := p.incompatible.Load(); h != nil {
+		resp.Healthz = h.Error()
+	} else if h := p.health.Load(); h != nil {
+		resp.Healthz = h.Error()
+	} else if err != nil {
+		resp.Healthz = err.Error()
 	}
 	p.metrics.ok("kms.Status", start)
 	return resp, nil
+}
+
+// statusKeyID is the write version's key_id, or why there is none, in the sidecar's words
+// (KmsServicer.current_key_id).
+func (p *plugin) statusKeyID() (string, *kmsError) {
+	v := p.view.Load()
+	n := p.pinned
+	if n == 0 {
+		primary, ok := v.primary()
+		if !ok {
+			return "", newError(reasonNoPrimaryVersion, fmt.Sprintf("KeyRing %s has no ENABLED version", p.ring))
+		}
+		n = primary
+	}
+	ver, ok := v.versions[n]
+	switch {
+	case !ok:
+		return "", newError(reasonVersionNotFound, fmt.Sprintf("KEK version %s/v%d does not exist", p.ring, n))
+	case ver.untrusted != "":
+		_, err := v.usable(n)
+		return "", err
+	case ver.state != stateEnabled:
+		return "", newError(reasonVersionDisabled, fmt.Sprintf("KEK version %s/v%d is %s", p.ring, n, ver.state))
+	}
+	return ver.keyID, nil
 }
 
 func (p *plugin) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
@@ -253,18 +292,30 @@ func authFailed(err error) bool {
 		isCode(err, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE)
 }
 
-// keyError types a failed token call; a key the token refuses to use (disabled since the
-// last scan) triggers a rescan so the next call sees its state.
+// keyError types a failed token call as the sidecar would (pkcs11/token.py: classify), with
+// one addition: a key the token refuses to use (disabled since the last read) is
+// VERSION_DISABLED, and the token is read again so the next call sees its state.
 func (p *plugin) keyError(err error, n uint32, action string) *kmsError {
 	if ke, ok := err.(*kmsError); ok {
 		return ke
 	}
-	if isCode(err, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED) || isCode(err, pkcs11.CKR_KEY_HANDLE_INVALID) ||
-		isCode(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+	ref := fmt.Sprintf("%s/v%d", p.ring, n)
+	switch {
+	case isCode(err, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED):
 		go func() { _ = p.rescan(time.Now()) }()
-		return newError(reasonVersionDisabled, fmt.Sprintf("KEK version %s/v%d cannot be used any more (%s)", p.ring, n, ckrName(err)))
+		return newError(reasonVersionDisabled, fmt.Sprintf("KEK version %s is disabled (the token refuses the key)", ref))
+	case isCode(err, pkcs11.CKR_KEY_HANDLE_INVALID) || isCode(err, pkcs11.CKR_OBJECT_HANDLE_INVALID):
+		go func() { _ = p.rescan(time.Now()) }()
+		return newError(reasonTokenUnavailable, fmt.Sprintf("%s under %s: the token no longer knows the key handle; reading the token again", action, ref))
+	case isCode(err, pkcs11.CKR_DEVICE_MEMORY) || isCode(err, pkcs11.CKR_HOST_MEMORY):
+		return newError(reasonTokenFull, fmt.Sprintf("%s under %s: the token has no room left", action, ref))
+	case action == "sealing" && (isCode(err, pkcs11.CKR_MECHANISM_PARAM_INVALID) || isCode(err, pkcs11.CKR_MECHANISM_INVALID)):
+		why := newError(reasonTokenIncompatible, fmt.Sprintf(
+			"the token refuses AES-GCM with a caller-supplied IV (%s); kustody-kms needs gcm-iv=caller: use 'kustody hsm --kms-socket' for this token", ckrName(err)))
+		p.incompatible.Store(why)
+		return why
 	}
-	return newError(reasonInternal, fmt.Sprintf("%s under %s/v%d failed (%s)", action, p.ring, n, ckrName(err)))
+	return newError(reasonInternal, fmt.Sprintf("%s under %s failed (%s)", action, ref, ckrName(err)))
 }
 
 func (p *plugin) finish(ctx context.Context, op string, start time.Time, err *kmsError) error {
@@ -295,7 +346,13 @@ func (p *plugin) watch(ctx context.Context, pinFile string, interval time.Durati
 			now = p.tok.probe()
 		}
 		if now == nil {
-			now = p.rescan(time.Now())
+			if err := p.rescan(time.Now()); err != nil {
+				if p.tok.current.Load() == nil {
+					now = err // the token was lost while being read
+				} else {
+					logf("reading KeyRing %s from the token failed: %s; serving what was read before", p.ring, err.Error())
+				}
+			}
 		}
 		p.health.Store(now)
 		p.metrics.tokenUp(now == nil)

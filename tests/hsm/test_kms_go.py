@@ -21,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,7 +46,7 @@ from kustody.domain.aad import KmsBinding, associated_data
 from kustody.domain.envelope import Envelope, header_for
 from kustody.domain.keyversion import KeyVersionRef, VersionState
 
-from .conftest import run, running_sidecar, start_process
+from .conftest import run, running_sidecar, softhsm2_only, start_process
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("KUSTODY_HSM_GCM_IV") == "token",
@@ -351,3 +354,90 @@ def test_a_wrong_pin_is_reported_not_retried_and_a_fixed_one_recovers(
     # One refused login, not one per health pass.
     assert log.count("PIN_INCORRECT: login to token") == 1, log
     assert json.dumps(right.strip()) not in log
+
+
+@softhsm2_only("moves the token's directory away and back")
+def test_the_token_lost_and_back_no_call_hangs_and_metrics_say_so(
+    tmp_path: Path, kms_plugin_binary: Path
+) -> None:
+    """The token disappears under load: Status says so, no call hangs, the plugin reopens it
+    when it is back, and /metrics counted it all. SIGTERM then stops the plugin cleanly."""
+    token = create_token(tmp_path / "token", "lost-go")
+    sidecar = start_process(tmp_path, token)
+
+    async def create() -> None:
+        async with HsmClient.unix(sidecar.socket) as hsm:
+            await hsm.create_key_version("lost", 1)
+
+    try:
+        run(create())
+    finally:
+        sidecar.stop()
+    go = go_plugin(
+        kms_plugin_binary, token, "lost", tmp_path / "go", "--metrics-address", "127.0.0.1:0"
+    )
+    seed = os.urandom(32)
+    middle: list[str] = []  # the outcomes while the token is away
+
+    async def hammer(gp: Any, calls: int) -> list[str]:
+        """``calls`` concurrent Encrypts; each outcome's reason ("" for ok), none may hang."""
+
+        async def one() -> str:
+            try:
+                await gp.Encrypt(kms.EncryptRequest(plaintext=seed), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return "HUNG"
+                return str(dict(error.trailing_metadata() or ()).get("kustody-reason", ""))
+            return ""
+
+        return list(await asyncio.gather(*(one() for _ in range(calls))))
+
+    async def main() -> None:
+        async with stub(go.socket) as gp:
+            await eventually(lambda: gp.Status(kms.StatusRequest()), lambda s: s.healthz == "ok")
+            good = await gp.Encrypt(kms.EncryptRequest(plaintext=seed))
+            assert await hammer(gp, 32) == [""] * 32
+            tokens = token.directory / "tokens"
+            parked = tmp_path / "parked"
+            shutil.move(tokens, parked)
+            try:
+                lost = await eventually(
+                    lambda: gp.Status(kms.StatusRequest()), lambda s: s.healthz != "ok"
+                )
+                reason = lost.healthz.split(":", 1)[0]
+                assert reason in {"TOKEN_LOST", "TOKEN_NOT_FOUND", "TOKEN_UNAVAILABLE"}, lost
+                assert lost.key_id == good.key_id  # the last key_id, as the sidecar keeps it
+                middle.extend(await hammer(gp, 32))
+                assert set(middle) <= {"TOKEN_UNAVAILABLE", ""}, middle
+                assert "TOKEN_UNAVAILABLE" in middle
+            finally:
+                shutil.move(parked, tokens)
+            back = await eventually(
+                lambda: gp.Status(kms.StatusRequest()), lambda s: s.healthz == "ok"
+            )
+            assert back.healthz == "ok", back.healthz
+            assert await hammer(gp, 32) == [""] * 32
+            request = kms.DecryptRequest(ciphertext=good.ciphertext, key_id=good.key_id)
+            assert (await gp.Decrypt(request)).plaintext == seed
+
+    try:
+        run(main())
+        address = re.search(r"metrics on http://(\S+)/metrics", go.log.read_text())
+        assert address is not None
+        with urllib.request.urlopen(f"http://{address[1]}/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+    finally:
+        log = go.stop()
+    assert go.process is not None
+    assert go.process.returncode == 0, log  # SIGTERM: stopped, not killed
+    ok = 1 + 32 + middle.count("") + 32
+    refused = middle.count("TOKEN_UNAVAILABLE")
+    assert f'kustody_hsm_requests_total{{op="kms.Encrypt",outcome="ok"}} {ok}' in metrics
+    assert (
+        f'kustody_hsm_requests_total{{op="kms.Encrypt",outcome="TOKEN_UNAVAILABLE"}} {refused}'
+        in metrics
+    )
+    assert "kustody_hsm_token_up 1" in metrics
+    assert 'kustody_hsm_key_versions{keyring="lost",state="ENABLED"} 1' in metrics
+    assert seed.hex() not in metrics + log

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kustody.dev import binaries
 from kustody.dev.tokens import DevToken
 from kustody.errors import UserError
 
@@ -45,11 +44,18 @@ def _digest(module: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_dir() -> Path:
+    """``${XDG_CACHE_HOME:-~/.cache}/kustody/kms``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kustody" / "kms"
+
+
 def build(log: Callable[[str], None] = print) -> Path:
-    """The binary for the current sources, built if it is not in the cache yet."""
+    """The binary for the current sources, built if it is not in the cache yet (builds for
+    sources not used for a week are removed then)."""
     module = source_dir()
-    target = binaries.cache_dir().parent / "kms" / f"{NAME}-{_digest(module)}"
+    target = cache_dir() / f"{NAME}-{_digest(module)}"
     if target.is_file():
+        target.touch()
         return target
     go = shutil.which("go")
     if go is None:
@@ -69,6 +75,10 @@ def build(log: Callable[[str], None] = print) -> Path:
         partial.unlink(missing_ok=True)
         raise UserError(f"go build of {NAME} failed:\n{result.stderr[-4000:]}")
     os.replace(partial, target)
+    week_ago = time.time() - 7 * 24 * 3600
+    for old in target.parent.glob(f"{NAME}-*"):
+        if old != target and old.stat().st_mtime < week_ago:
+            old.unlink(missing_ok=True)
     return target
 
 
