@@ -206,6 +206,20 @@ def test_the_go_and_python_plugins_open_each_others_ciphertexts_and_follow_the_l
             assert unhealthy.healthz.startswith("NO_PRIMARY_VERSION: "), unhealthy.healthz
             code, reason, _ = await refused(gp.Encrypt(kms.EncryptRequest(plaintext=seeds[3])))
             assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_PRIMARY_VERSION")
+            assert unhealthy.healthz == (await py.Status(kms.StatusRequest())).healthz
+
+            # v1 destroyed by the sidecar: both refuse its ciphertexts alike.
+            await sidecar.service.set_version_state(ring, 1, VersionState.DESTROY_SCHEDULED)
+            await sidecar.service.destroy_version(ring, 1)
+
+            async def destroyed() -> tuple[grpc.StatusCode, str, str] | None:
+                outcome = await try_old()
+                return outcome if outcome and outcome[1] == "VERSION_DESTROYED" else None
+
+            go_says = await eventually(destroyed, lambda o: o is not None)
+            py_says = await refused(py.Decrypt(old))
+            assert go_says == py_says, (go_says, py_says)
+            assert go_says[0] is grpc.StatusCode.FAILED_PRECONDITION
 
     go = go_plugin(kms_plugin_binary, hsm_token, ring, tmp_path / "go")
     try:
@@ -220,6 +234,43 @@ def test_the_go_and_python_plugins_open_each_others_ciphertexts_and_follow_the_l
     for seed in seeds:
         assert seed.hex() not in log
     assert f"serving KMS v2 for KeyRing {ring}" in log
+
+
+def test_a_pinned_version_that_does_not_exist_reads_the_same_in_both_plugins(
+    tmp_path: Path,
+    hsm_token: DevToken,
+    token_config: TokenConfig,
+    ring: str,
+    kms_plugin_binary: Path,
+) -> None:
+    py_socket = tmp_path / "py-kms.sock"
+
+    async def main(go: KmsPlugin) -> None:
+        async with (
+            running_sidecar(
+                tmp_path, token_config, kms_socket=py_socket, kms_key_ring=ring,
+                kms_version=3, kms_create_if_missing=True,
+            ),
+            stub(py_socket) as py,
+            stub(go.socket) as gp,
+        ):  # fmt: skip
+            go_status = await eventually(
+                lambda: gp.Status(kms.StatusRequest()),
+                lambda s: s.healthz.startswith("VERSION_NOT_FOUND"),
+            )
+            py_status = await py.Status(kms.StatusRequest())
+            assert go_status.healthz == py_status.healthz, (go_status, py_status)
+            assert go_status.healthz == f"VERSION_NOT_FOUND: KEK version {ring}/v3 does not exist"
+            assert go_status.key_id == py_status.key_id == ""
+            for plugin in (py, gp):
+                code, reason, _ = await refused(plugin.Encrypt(kms.EncryptRequest(plaintext=b"k")))
+                assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
+
+    go = go_plugin(kms_plugin_binary, hsm_token, ring, tmp_path / "go", "--kms-version", "3")
+    try:
+        run(main(go))
+    finally:
+        go.stop()
 
 
 def _cotenant(token: DevToken, action: str, ref: KeyVersionRef) -> None:
