@@ -88,6 +88,16 @@ def start_plugin(directory: Path, token: SoftHSMToken, *extra: str) -> Plugin:
     return plugin
 
 
+def create_version(plugin: Plugin, version: int) -> None:
+    """``CreateKeyVersion(RING, version)`` through the sidecar: the new primary version."""
+
+    async def create() -> None:
+        async with HsmClient.unix(plugin.socket) as client:
+            await client.create_key_version(RING, version)
+
+    asyncio.run(create())
+
+
 def kms_status(kms_socket: Path) -> kms.StatusResponse:
     async def call() -> kms.StatusResponse:
         async with grpc.aio.insecure_channel(f"unix:{kms_socket}") as channel:
@@ -184,11 +194,7 @@ def test_secrets_are_encrypted_by_the_plugin_and_survive_rotation(
         assert read_secret(cluster, "kms", name) == value
 
     # Rotate: v2 becomes the primary version, so the plugin's key_id changes at once.
-    async def rotate() -> None:
-        async with HsmClient.unix(plugin.socket) as client:
-            await client.create_key_version(RING, 2)
-
-    asyncio.run(rotate())
+    create_version(plugin, 2)
     status = kms_status(plugin.kms_socket)
     assert status.healthz == "ok", status.healthz
     assert status.key_id.startswith(f"{RING}:v2:")
@@ -297,11 +303,7 @@ def test_the_go_plugin_takes_over_and_reads_what_the_sidecar_sealed(
         assert read_secret(cluster, "kms", "go-1") == fresh
 
         # The sidecar rotates; the Go plugin's key_id follows within a health pass.
-        async def rotate() -> None:
-            async with HsmClient.unix(plugin.socket) as client:
-                await client.create_key_version(RING, 2)
-
-        asyncio.run(rotate())
+        create_version(plugin, 2)
         deadline = time.monotonic() + 20
         while f"{RING}:v2:" not in kms_status(go.socket).key_id:
             assert time.monotonic() < deadline, kms_status(go.socket)

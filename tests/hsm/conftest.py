@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 from kustody.api.token import TokenConfig
+from kustody.dev.processes import accepts_unix
 from kustody.dev.tokens import DevToken, create_token, selected_kind
 from kustody.sidecar.connection import HsmConnection
 from kustody.sidecar.keyservice import KeyService
@@ -155,21 +156,8 @@ def start_process(
     # Serving, not just bound: gRPC creates the socket file before it listens, and a busy
     # machine can keep a connect in that gap refused.
     deadline = time.monotonic() + 60
-    while not _accepts(socket):
+    while not accepts_unix(socket):
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"sidecar did not start:\n{log.read_text()}")
         time.sleep(0.05)
     return SidecarProcess(process, socket, log)
-
-
-def _accepts(path: Path) -> bool:
-    import socket as sockets
-
-    if not path.exists():
-        return False
-    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True

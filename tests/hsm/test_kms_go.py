@@ -273,6 +273,23 @@ def test_a_pinned_version_that_does_not_exist_reads_the_same_in_both_plugins(
         go.stop()
 
 
+def token_with_version_1(tmp_path: Path, label: str, ring: str) -> DevToken:
+    """A token of its own whose KeyRing ``ring`` has version 1, created by the sidecar (as a
+    subprocess, stopped again: the Go plugin then serves the token alone)."""
+    token = create_token(tmp_path / "token", label)
+    sidecar = start_process(tmp_path, token)
+
+    async def create() -> None:
+        async with HsmClient.unix(sidecar.socket) as hsm:
+            await hsm.create_key_version(ring, 1)
+
+    try:
+        run(create())
+    finally:
+        sidecar.stop()
+    return token
+
+
 def _cotenant(token: DevToken, action: str, ref: KeyVersionRef) -> None:
     subprocess.run(
         [
@@ -296,18 +313,8 @@ def test_a_co_tenants_planted_key_is_refused_and_forged_ciphertexts_never_open(
     """Another user of the partition (same token, same user PIN) plants an AES key whose value
     it knows under the label of the version a rotation would create next, while the Go
     plugin serves. The plugin must not make it the write version, nor decrypt with it."""
-    token = create_token(tmp_path / "token", "cotenant-go")
+    token = token_with_version_1(tmp_path, "cotenant-go", "pay")
     v2 = KeyVersionRef("pay", 2)
-    sidecar = start_process(tmp_path, token)
-
-    async def create() -> None:
-        async with HsmClient.unix(sidecar.socket) as hsm:
-            await hsm.create_key_version("pay", 1)
-
-    try:
-        run(create())
-    finally:
-        sidecar.stop()
     seed = os.urandom(32)
 
     async def main(go: KmsPlugin) -> None:
@@ -352,17 +359,7 @@ def test_a_co_tenants_planted_key_is_refused_and_forged_ciphertexts_never_open(
 def test_a_wrong_pin_is_reported_not_retried_and_a_fixed_one_recovers(
     tmp_path: Path, kms_plugin_binary: Path
 ) -> None:
-    token = create_token(tmp_path / "token", "pin-go")
-    sidecar = start_process(tmp_path, token)
-
-    async def create() -> None:
-        async with HsmClient.unix(sidecar.socket) as hsm:
-            await hsm.create_key_version("pins", 1)
-
-    try:
-        run(create())
-    finally:
-        sidecar.stop()
+    token = token_with_version_1(tmp_path, "pin-go", "pins")
     right = token.pin_file.read_text()
     wrong = "0000-not-the-pin"
     pin_file = tmp_path / "pin"
@@ -413,17 +410,7 @@ def test_the_token_lost_and_back_no_call_hangs_and_metrics_say_so(
 ) -> None:
     """The token disappears under load: Status says so, no call hangs, the plugin reopens it
     when it is back, and /metrics counted it all. SIGTERM then stops the plugin cleanly."""
-    token = create_token(tmp_path / "token", "lost-go")
-    sidecar = start_process(tmp_path, token)
-
-    async def create() -> None:
-        async with HsmClient.unix(sidecar.socket) as hsm:
-            await hsm.create_key_version("lost", 1)
-
-    try:
-        run(create())
-    finally:
-        sidecar.stop()
+    token = token_with_version_1(tmp_path, "lost-go", "lost")
     go = go_plugin(
         kms_plugin_binary, token, "lost", tmp_path / "go", "--metrics-address", "127.0.0.1:0"
     )

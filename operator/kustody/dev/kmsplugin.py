@@ -12,13 +12,13 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kustody.dev.processes import accepts_unix
 from kustody.dev.tokens import DevToken
 from kustody.errors import UserError
 
@@ -113,7 +113,7 @@ class KmsPlugin:
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
-        while not _accepts(self.socket):
+        while not accepts_unix(self.socket):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise UserError(f"{NAME} did not start:\n{self.log.read_text()[-4000:]}")
@@ -130,14 +130,3 @@ class KmsPlugin:
                 self.process.kill()
                 self.process.wait()
         return self.log.read_text() if self.log.exists() else ""
-
-
-def _accepts(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
